@@ -1,0 +1,81 @@
+"""Packing primitives for 4-bit weights: pure functions, numpy or jax.numpy.
+
+Kernel layout ("GPTQ sequential", packed along N):
+  qweight [K, N // 8] int32: word (k, j) holds columns 8j .. 8j+7 of row k, column 8j+i in bits 4i .. 4i+3.
+  qzeros  [K // G, N // 8] int32, packed the same way.
+
+Other layouts met in checkpoints and converted here:
+  packed along K (compressed-tensors weight_packed [N, K//8], AutoGPTQ qweight [K//8, N]): the same nibble order,
+  along the other axis.  AWQ GEMM packs along N with nibble order [0, 2, 4, 6, 1, 3, 5, 7].
+
+Every function takes and returns arrays of the module it is given (`xp=np` or `xp=jnp`), so the same code serves
+the loaders (numpy, on the host) and the reference path (jnp, traced).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PACK = 8  # 4-bit values per int32 word
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ stores logical nibble AWQ_ORDER[i] in bits 4i..4i+3
+
+
+def _xp(a):
+  if isinstance(a, np.ndarray):
+    return np
+  import jax.numpy as jnp  # noqa: PLC0415 - layout stays importable without jax
+
+  return jnp
+
+
+def unpack_int4(packed, axis: int = -1, order=None):
+  """Unpacks int32 words into 4-bit values (int32 in [0, 15]) along `axis`, which grows 8x.
+
+  `order[i]` names the logical position of the nibble stored in bits 4i..4i+3 (default: identity).
+  """
+  xp = _xp(packed)
+  axis = axis % packed.ndim
+  words = packed.astype(xp.uint32) if xp is np else packed.view(xp.uint32)
+  shifts = xp.arange(PACK, dtype=xp.uint32) * 4
+  nib = (xp.expand_dims(words, -1) >> shifts) & 0xF  # [..., W, 8]: stored order
+  if order is not None:
+    inverse = np.argsort(np.asarray(order))  # logical position p lives in slot inverse[p]
+    nib = nib[..., inverse]
+  nib = xp.moveaxis(nib, -1, axis + 1) if axis != packed.ndim - 1 else nib
+  shape = list(packed.shape)
+  shape[axis] *= PACK
+  return nib.reshape(shape).astype(xp.int32)
+
+
+def pack_int4(values, axis: int = -1, order=None):
+  """Packs 4-bit values (any int dtype, each in [0, 15]) into int32 words along `axis` (length divisible by 8)."""
+  xp = _xp(values)
+  axis = axis % values.ndim
+  n = values.shape[axis]
+  if n % PACK:
+    raise ValueError(f"pack_int4: axis {axis} has length {n}, expected a multiple of {PACK}")
+  v = xp.moveaxis(values, axis, -1).astype(xp.uint32)
+  v = v.reshape(v.shape[:-1] + (n // PACK, PACK))
+  if order is not None:
+    v = v[..., np.asarray(order)]
+  shifts = xp.arange(PACK, dtype=xp.uint32) * 4
+  words = ((v & 0xF) << shifts).sum(axis=-1, dtype=xp.uint32)
+  words = words.astype(np.int32) if xp is np else words.view(xp.int32)
+  return xp.moveaxis(words, -1, axis)
+
+
+def repack_k_to_n(packed_k, k: int | None = None):
+  """[K//8, N] packed along K (AutoGPTQ qweight) -> [K, N//8] packed along N (kernel layout).
+
+  Not a transpose: the 8 values of a word are consecutive in K and must be redistributed along N.
+  `k` trims padding when the source rounded K up to a multiple of 8.
+  """
+  vals = unpack_int4(packed_k, axis=0)
+  if k is not None:
+    vals = vals[:k]
+  return pack_int4(vals, axis=1)
+
+
+def awq_to_kernel(packed_awq):
+  """AWQ GEMM words [R, N//8] in nibble order [0,2,4,6,1,3,5,7] -> kernel order, same shape."""
+  return pack_int4(unpack_int4(packed_awq, axis=-1, order=AWQ_ORDER), axis=-1)

@@ -1,0 +1,187 @@
+"""`w4a16_matmul`: validation, dispatch between the Triton kernel and the jnp reference, batching.
+
+Path selection (trace time): `backend=` if given, else the JW4A16_BACKEND environment variable, else "auto":
+Triton when JAX's default backend is a GPU (cuda or rocm) and jax-triton imports; the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jw4a16 import checks, tuning
+from jw4a16.qweight import QuantizedWeight
+from jw4a16.reference import w4a16_matmul_reference
+
+BACKENDS = ("auto", "triton", "reference")
+BACKEND_ENV = "JW4A16_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_unavailable_reason(platform: str) -> str | None:
+  """None when the Triton path can run on `platform`, else why not."""
+  if platform not in ("gpu", "cuda", "rocm"):
+    return f"JAX's backend is {platform!r}, not a GPU"
+  try:
+    import jax_triton  # noqa: F401, PLC0415 - raises ImportError on CPU-only JAX
+  except ImportError as e:
+    return f"jax_triton does not import ({e}); pip install 'jw4a16[gpu]'"
+  return None
+
+
+def resolve_backend(backend: str | None = None) -> str:
+  """'triton' or 'reference' for this trace."""
+  choice = backend or os.environ.get(BACKEND_ENV, "auto")
+  if choice not in BACKENDS:
+    raise ValueError(f"backend={choice!r} (argument or ${BACKEND_ENV}) must be one of {BACKENDS}")
+  if choice == "reference":
+    return "reference"
+  reason = triton_unavailable_reason(jax.default_backend())
+  if choice == "triton" and reason:
+    raise RuntimeError(f"backend='triton' was requested but the Triton path cannot run: {reason}")
+  return "reference" if reason else "triton"
+
+
+def current_target() -> tuning.Target:
+  return tuning.target_from_device(jax.devices()[0])
+
+
+def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
+  """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype."""
+  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
+
+  from jw4a16.kernels import w4a16_gemm_kernel  # noqa: PLC0415
+
+  m, k = x2d.shape
+  n = scales.shape[1]
+  dtype = np.dtype(x2d.dtype).name
+  cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, current_target())
+  if cfg.split_k > 1:
+    out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32)
+  else:
+    out_shape = jax.ShapeDtypeStruct((m, n), x2d.dtype)
+  out = jt.triton_call(
+      x2d, qweight, scales, scales if qzeros is None else qzeros, m,
+      kernel=w4a16_gemm_kernel, out_shape=out_shape, grid=cfg.grid(m, n), name="jw4a16_w4a16_gemm",
+      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+      N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta())
+  if cfg.split_k > 1:
+    out = out.sum(axis=0).astype(x2d.dtype)
+  return out
+
+
+def _inference_only(fn):
+  """Wraps fn(x, *weights) so that differentiating it raises a clear error instead of a deep one."""
+  wrapped = jax.custom_jvp(fn)
+
+  @wrapped.defjvp
+  def _jvp(primals, tangents):
+    del primals, tangents
+    raise NotImplementedError(
+        "jw4a16.w4a16_matmul is an inference-only op: it has no gradient (int4 weights are frozen). "
+        "Differentiate a float copy of the weights instead (jw4a16.dequantize).")
+
+  return wrapped
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelConfig | None):
+  """custom_vmap'ed [M, K] x [K, N] kernel call: a vmap over x folds the batch into M (one launch); a vmap
+  over the weights (stacked layers) runs one launch per batch member with lax.map."""
+
+  def call(x2d, qweight, scales, qzeros):
+    return _launch(x2d, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, config=config)
+
+  @jax.custom_batching.custom_vmap
+  def f(x2d, qweight, scales, qzeros):
+    if x2d.shape[0] == 0:
+      return jnp.zeros((0, scales.shape[1]), x2d.dtype)
+    return call(x2d, qweight, scales, qzeros)
+
+  @f.def_vmap
+  def _rule(axis_size, in_batched, x2d, qweight, scales, qzeros):
+    xb, qwb, sb, qzb = in_batched
+    if not (qwb or sb or any(jax.tree_util.tree_leaves(qzb))):
+      b, m, k = x2d.shape
+      return f(x2d.reshape(b * m, k), qweight, scales, qzeros).reshape(b, m, -1), True
+
+    def bcast(a, batched):
+      return a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+
+    args = (bcast(x2d, xb), bcast(qweight, qwb), bcast(scales, sb),
+            None if qzeros is None else bcast(qzeros, qzb))
+    return jax.lax.map(lambda a: f(*a), args), True
+
+  return _inference_only(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_call(group_size: int, zp_bias: int):
+  def f(x, qweight, scales, qzeros, g_idx, perm):
+    return w4a16_matmul_reference(x, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, g_idx=g_idx,
+                                  perm=perm)
+
+  return _inference_only(f)
+
+
+def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None, perm=None,
+                 backend: str | None = None, config: tuning.KernelConfig | None = None):
+  """x [..., K] @ W [K, N] -> [..., N] in x's dtype, W = (q - z) * s dequantized on the fly.
+
+  Args:
+    x: [..., K] float16 or bfloat16, any number of leading dims (their product M may be 0).
+    qweight: [K, N // 8] int32, GPTQ sequential packing along N: word (k, j) holds columns 8j..8j+7 of row k,
+      column 8j+i in bits 4i..4i+3.
+    scales: [K // G, N] in x's dtype.
+    qzeros: [K // G, N // 8] int32 packed like qweight (stored zero points, used as stored), or None for
+      symmetric uint4b8 weights whose zero is `zp_bias`.
+    group_size: G in {32, 64, 128, 256}, or -1 for one group of K rows (channelwise).
+    zp_bias: the zero point when qzeros is None (8 for uint4b8).
+    g_idx: [K] int, act-order: row k uses group g_idx[k].  The rows are sorted by group and x's columns
+      permuted to match on each call; the sort of qweight then costs a pass over the weights per call, so for
+      repeated use store the sorted weights once (`QuantizedWeight.from_act_order`) and pass perm instead.
+      Concrete g_idx is checked here (every group must own exactly G rows); traced g_idx is checked on
+      the device, and a failed check turns the output into NaN rather than a silently wrong result.
+    perm: [K] int, qweight's rows are already sorted by group; x's columns are gathered by perm.
+    backend: "auto" (default; or $JW4A16_BACKEND), "triton" or "reference".
+    config: a `jw4a16.tuning.KernelConfig` to force a tile shape (Triton path only).
+
+  Inference only: jax.grad through it raises.  Works under jax.jit and jax.vmap (a vmap over x folds into M).
+  """
+  k, n, g = checks.check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx, perm)
+  path = resolve_backend(backend)
+  valid = None  # traced g_idx: its check runs on the device
+  if g_idx is not None:
+    known = checks.concrete_or_none(g_idx)
+    if known is not None:
+      sort = jnp.asarray(checks.act_order_permutation(known, g, k // g))
+    else:
+      sort = jnp.argsort(g_idx, stable=True).astype(jnp.int32)
+      valid = jnp.all(jnp.take(g_idx, sort) == jnp.arange(k, dtype=g_idx.dtype) // g)
+  elif perm is not None and (known := checks.concrete_or_none(perm)) is not None:
+    checks.check_perm(known)
+
+  if path == "reference":
+    out = _reference_call(g, zp_bias)(x, qweight, scales, qzeros, g_idx, perm)
+  else:
+    if g_idx is not None:  # act-order rows in checkpoint order: sort them by group for this call
+      qweight, perm = jnp.take(qweight, sort, axis=0), sort
+    if perm is not None:
+      x = jnp.take(x, jnp.asarray(perm, jnp.int32), axis=-1)
+    lead = x.shape[:-1]
+    out = _batched_kernel_call(g, zp_bias, config)(x.reshape(math.prod(lead), k), qweight, scales, qzeros)
+    out = out.reshape(*lead, n)
+  if valid is not None:
+    out = jnp.where(valid, out, jnp.nan).astype(x.dtype)
+  return out
+
+
+def quantized_matmul(x, w: QuantizedWeight, *, backend: str | None = None, config=None):
+  """`w4a16_matmul` on a QuantizedWeight."""
+  return w4a16_matmul(x, w.qweight, w.scales, w.qzeros, group_size=w.group_size, zp_bias=w.zp_bias, perm=w.perm,
+                      backend=backend, config=config)

@@ -1,0 +1,67 @@
+"""`QuantizedWeight`: one int4 weight in kernel layout, a pytree shared by the op, the layers and the loaders."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jw4a16 import checks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+  """A [K, N] int4 weight in kernel layout.
+
+  qweight [K, N // 8] int32: packed along N, column 8j+i of row k in bits 4i..4i+3 of word (k, j).
+  scales  [K // G, N] float16 | bfloat16.
+  qzeros  [K // G, N // 8] int32 packed like qweight, or None (symmetric: zero = zp_bias).
+  perm    [K] int32 or None: act-order checkpoints.  Rows of qweight are stored sorted by group, so row i uses
+          group i // G; the op gathers x's columns by perm at run time (x[..., perm]).
+  group_size is the resolved G (K for channelwise).
+  """
+
+  qweight: jax.Array
+  scales: jax.Array
+  qzeros: jax.Array | None = None
+  perm: jax.Array | None = None
+  group_size: int = dataclasses.field(default=128, metadata=dict(static=True))
+  zp_bias: int = dataclasses.field(default=8, metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The logical (K, N) of the weight."""
+    return (self.qweight.shape[-2], self.scales.shape[-1])
+
+  @property
+  def symmetric(self) -> bool:
+    return self.qzeros is None
+
+  @property
+  def nbytes(self) -> int:
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+               for a in (self.qweight, self.scales, self.qzeros, self.perm) if a is not None)
+
+  @classmethod
+  def from_act_order(cls, qweight, scales, qzeros, g_idx, *, group_size: int, zp_bias: int = 8):
+    """Kernel-layout arrays with rows in checkpoint order plus g_idx [K] -> rows sorted by group, once.
+
+    This is where the act-order permutation is applied to the weights (on the host, at load time), so the
+    kernel reads groups contiguously and never gathers scales per row.
+    """
+    qweight = np.asarray(qweight)
+    k = qweight.shape[0]
+    g = checks.resolve_group_size(group_size, k)
+    g_idx = np.asarray(g_idx)
+    if g_idx.shape != (k,):
+      raise ValueError(f"g_idx must have shape [K]=[{k}], got {g_idx.shape}")
+    sorted_g = np.sort(g_idx)
+    if np.array_equal(sorted_g, g_idx) and np.array_equal(g_idx, np.arange(k) // g):
+      return cls(jnp.asarray(qweight), jnp.asarray(scales), None if qzeros is None else jnp.asarray(qzeros),
+                 None, g, zp_bias)  # trivial g_idx: no permutation needed
+    perm = checks.act_order_permutation(g_idx, g, k // g)
+    return cls(jnp.asarray(qweight[perm]), jnp.asarray(scales), None if qzeros is None else jnp.asarray(qzeros),
+               jnp.asarray(perm), g, zp_bias)

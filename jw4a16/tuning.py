@@ -1,0 +1,213 @@
+"""Typed kernel configurations, the shipped per-GPU tables, heuristics, and the on-disk tuning cache.
+
+A `KernelConfig` is frozen and hashable, so it is static under jit.  `select_config` answers, in order: the user's
+on-disk tuning cache (written by `jw4a16 tune`), the shipped table for this GPU (configs/<gpu>.json, measured on
+that card by `python -m jw4a16.bench --sweep`), then a heuristic.  M is bucketed to powers of two so keys stay
+bounded.  Nothing is benchmarked at call time: the first call of a shape costs one compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import tempfile
+
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+CACHE_ENV = "JW4A16_CACHE_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tile shape and launch parameters of w4a16_gemm_kernel.
+
+  block_m == 1 selects the GEMV body (fp32 FMAs, no tensor cores).  split_k > 1 writes fp32 partials that are
+  summed afterwards.  num_warps counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
+  """
+
+  block_m: int
+  block_n: int
+  block_k: int
+  split_k: int = 1
+  group_m: int = 8
+  num_warps: int = 4
+  num_stages: int = 3
+
+  def __post_init__(self):
+    for f in ("block_m", "block_n", "block_k"):
+      v = getattr(self, f)
+      if v < 1 or v & (v - 1):
+        raise ValueError(f"KernelConfig.{f}={v} must be a power of two")
+    if self.block_m not in (1,) and self.block_m < 16:
+      raise ValueError(f"KernelConfig.block_m={self.block_m}: tl.dot needs >= 16 (or 1 for the GEMV body)")
+    if self.block_n < 16 or self.block_k < 16:
+      raise ValueError(f"KernelConfig block_n={self.block_n}, block_k={self.block_k} must be >= 16")
+    if self.split_k < 1:
+      raise ValueError(f"KernelConfig.split_k={self.split_k} must be >= 1")
+
+  def meta(self) -> dict:
+    """The kernel's constexpr tile parameters."""
+    return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
+                GROUP_M=self.group_m)
+
+  def grid(self, m: int, n: int) -> tuple[int, int]:
+    return (math.ceil(m / self.block_m) * math.ceil(n / self.block_n), self.split_k)
+
+  def shared_memory_bytes(self, act_bytes: int = 2) -> int:
+    """Upper estimate of the pipelined tiles: x [BM, BK] and words [BK, BN // 8] per stage, plus the
+    dequantized [BK, BN] operand Triton stages for the dot."""
+    per_stage = self.block_m * self.block_k * act_bytes + self.block_k * self.block_n // 2
+    return per_stage * max(self.num_stages - 1, 1) + self.block_k * self.block_n * act_bytes
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What the heuristics need to know of a GPU."""
+
+  name: str  # "h100", "mi300x", ...
+  num_sms: int  # SMs (NVIDIA) or CUs (AMD)
+  warp_size: int = 32
+  shared_memory: int = 227 * 1024  # per-block limit
+  atomics_fast: bool = True
+
+
+H100 = Target("h100", 132)
+H200 = Target("h200", 132)
+MI300X = Target("mi300x", 304, warp_size=64, shared_memory=64 * 1024, atomics_fast=False)
+MI350 = Target("mi350", 256, warp_size=64, shared_memory=160 * 1024, atomics_fast=False)
+KNOWN_TARGETS = {t.name: t for t in (H100, H200, MI300X, MI350)}
+
+
+def target_from_device(device) -> Target:
+  """Maps a jax Device to a Target by its device_kind (e.g. 'NVIDIA H100 80GB HBM3', 'AMD Instinct MI300X')."""
+  kind = getattr(device, "device_kind", "").lower()
+  sms = getattr(device, "core_count", None)
+  for key, t in (("h100", H100), ("h200", H200), ("mi300", MI300X), ("mi325", MI300X), ("mi35", MI350)):
+    if key in kind:
+      return dataclasses.replace(t, num_sms=sms or t.num_sms)
+  amd = "amd" in kind or getattr(device, "platform", "") == "rocm"
+  name = "".join(c if c.isalnum() else "_" for c in kind).strip("_") or "gpu"
+  return Target(name, sms or (304 if amd else 108), warp_size=64 if amd else 32,
+                shared_memory=64 * 1024 if amd else 99 * 1024, atomics_fast=not amd)
+
+
+def m_bucket(m: int) -> int:
+  """Next power of two, capped at 4096: the M key of tuned tables."""
+  return 1 if m <= 1 else min(1 << (m - 1).bit_length(), 4096)
+
+
+def _key(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool) -> str:
+  return f"m{m_bucket(m)}_k{k}_n{n}_g{group_size}_{dtype}_{'asym' if has_zp else 'sym'}"
+
+
+def _split_k(target: Target, tiles: int, k: int, block_k: int, waves: float) -> int:
+  """Smallest power-of-two split that gives about `waves` programs per SM, keeping >= 2 K steps per split."""
+  split = 1
+  while tiles * split < waves * target.num_sms and k // (split * 2) >= 2 * block_k:
+    split *= 2
+  return split
+
+
+def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
+  """Reasoned defaults: the GEMV body with split-K for M = 1, small-M tiles with split-K up to 16, then tiles
+  growing with M.  On AMD (64-wide wavefronts, 64 KiB LDS) tiles stay within LDS and warps count wavefronts."""
+  amd = target.warp_size == 64
+  if m == 1:
+    bn, bk = (128, 128) if not amd else (256, 64)
+    cfg = KernelConfig(1, bn, bk, num_warps=4, num_stages=3)
+    tiles = math.ceil(n / bn)
+    return dataclasses.replace(cfg, split_k=_split_k(target, tiles, k, bk, 4.0))
+  if m <= 16:
+    bn, bk = 64, 128
+    tiles = math.ceil(n / bn)
+    return KernelConfig(16, bn, bk, split_k=_split_k(target, tiles, k, bk, 2.0), num_warps=4, num_stages=4)
+  if m <= 64:
+    bm, bn, bk = m_bucket(m), 128, 64
+    tiles = math.ceil(m / bm) * math.ceil(n / bn)
+    return KernelConfig(bm, bn, bk, split_k=_split_k(target, tiles, k, bk, 1.0), num_warps=4, num_stages=4)
+  if m <= 256:
+    return KernelConfig(64, 128, 64, num_warps=4, num_stages=4)
+  if amd:
+    return KernelConfig(128, 128, 32, num_warps=4, num_stages=2)
+  return KernelConfig(128, 256, 64, num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_table(target_name: str) -> dict[str, KernelConfig]:
+  path = CONFIG_DIR / f"{target_name}.json"
+  if not path.exists():
+    return {}
+  return {key: KernelConfig(**cfg) for key, cfg in json.loads(path.read_text())["configs"].items()}
+
+
+def cache_path(target_name: str) -> pathlib.Path:
+  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jw4a16")
+  return pathlib.Path(root) / f"tuning-{target_name}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _user_table(path: str, mtime: float) -> dict[str, KernelConfig]:
+  del mtime  # part of the key: a rewritten file is read again
+  return {key: KernelConfig(**cfg) for key, cfg in json.loads(pathlib.Path(path).read_text()).items()}
+
+
+def user_table(target_name: str) -> dict[str, KernelConfig]:
+  path = cache_path(target_name)
+  try:
+    return _user_table(str(path), path.stat().st_mtime)
+  except (FileNotFoundError, ValueError, TypeError):
+    return {}
+
+
+def record_tuned(target_name: str, entries: dict[str, KernelConfig]) -> pathlib.Path:
+  """Merges tuned winners into the on-disk cache, atomically (write a temp file, then rename)."""
+  path = cache_path(target_name)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  table = {key: cfg.to_json() for key, cfg in user_table(target_name).items()}
+  table.update({key: cfg.to_json() for key, cfg in entries.items()})
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    json.dump(table, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+  return path
+
+
+def fits(cfg: KernelConfig, target: Target, act_bytes: int = 2) -> bool:
+  return cfg.shared_memory_bytes(act_bytes) <= target.shared_memory
+
+
+def select_config(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool,
+                  target: Target = H100) -> KernelConfig:
+  key = _key(m, k, n, group_size, dtype, has_zp)
+  for table in (user_table(target.name), shipped_table(target.name)):
+    if key in table:
+      return table[key]
+  return heuristic_config(m, k, n, group_size, target)
+
+
+def candidate_configs(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:
+  """The search space for tuning at one M bucket, pruned by shared memory."""
+  out = []
+  if m == 1:
+    for bn in (64, 128, 256):
+      for bk in (64, 128, 256):
+        for split in (1, 2, 4, 8, 16):
+          if k // split >= bk:
+            out.append(KernelConfig(1, bn, bk, split_k=split, num_warps=4, num_stages=3))
+  bms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, m_bucket(m))]
+  for bm in bms:
+    for bn in (64, 128, 256):
+      for bk in (64, 128):
+        for split in ((1, 2, 4, 8) if m <= 64 else (1,)):
+          if k // split < bk:
+            continue
+          for warps in (4, 8):
+            for stages in (3, 4):
+              out.append(KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages))
+  return [c for c in out if fits(c, target)]

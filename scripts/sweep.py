@@ -1,0 +1,104 @@
+"""Tile-config sweep of w4a16_gemm_kernel launched from torch (same compiled kernel as the JAX path).
+
+Developer tool for building jw4a16/configs/<gpu>.json; needs a CUDA/ROCm torch.  Times with
+triton.testing.do_bench (L2 flushed between runs), the split-K reduction included, and checks every config
+against a dequantize-then-matmul reference first.
+
+  python scripts/sweep.py --shapes 4096x6144,4096x28672 --ms 1,16,64 --out sweep.json
+"""
+
+import argparse
+import itertools
+import json
+import math
+import time
+
+import torch
+import triton
+import triton.testing
+
+from jw4a16.kernels import w4a16_gemm_kernel
+from jw4a16.tuning import KernelConfig, candidate_configs, heuristic_config, m_bucket
+
+
+def make(k, n, g, dtype, has_zp, dev="cuda"):
+  qw = torch.randint(-2**31, 2**31 - 1, (k, n // 8), dtype=torch.int32, device=dev)
+  s = (torch.rand(k // g, n, device=dev) * 0.01 + 0.001).to(dtype)
+  qz = torch.randint(-2**31, 2**31 - 1, (k // g, n // 8), dtype=torch.int32, device=dev) if has_zp else None
+  return qw, s, qz
+
+
+def dequant(qw, s, qz, g):
+  shifts = torch.arange(8, device=qw.device, dtype=torch.int32) * 4
+  q = ((qw[:, :, None] >> shifts) & 0xF).reshape(qw.shape[0], -1).float()
+  z = 8.0 if qz is None else ((qz[:, :, None] >> shifts) & 0xF).reshape(qz.shape[0], -1).float()
+  z = z if qz is None else z.repeat_interleave(g, 0)
+  return ((q - z) * s.float().repeat_interleave(g, 0)).to(s.dtype)
+
+
+def launch(cfg, x, qw, s, qz, g):
+  m, k = x.shape
+  n = s.shape[1]
+  out = torch.empty((cfg.split_k, m, n) if cfg.split_k > 1 else (m, n),
+                    dtype=torch.float32 if cfg.split_k > 1 else x.dtype, device=x.device)
+  w4a16_gemm_kernel[cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, N=n, K=k, GROUP_SIZE=g,
+                                    HAS_ZP=qz is not None, ZP_BIAS=8, num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages, **cfg.meta())
+  return out.sum(0).to(x.dtype) if cfg.split_k > 1 else out
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--shapes", default="4096x6144,4096x28672,14336x4096")
+  p.add_argument("--ms", default="1,16,64,256,2048")
+  p.add_argument("--group", type=int, default=128)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--asym", action="store_true")
+  p.add_argument("--max-configs", type=int, default=24)
+  p.add_argument("--out", default=None)
+  a = p.parse_args()
+  dtype = getattr(torch, a.dtype)
+  bw = 3.0e12
+  results = []
+  for shape in a.shapes.split(","):
+    k, n = map(int, shape.split("x"))
+    qw, s, qz = make(k, n, a.group, dtype, a.asym)
+    w = dequant(qw, s, qz, a.group)
+    for m in map(int, a.ms.split(",")):
+      x = torch.randn(m, k, device="cuda", dtype=dtype)
+      ref = (x.float() @ w.float())
+      floor_us = max((k * n / 2 + s.numel() * 2 + m * (k + n) * 2) / bw, 2 * m * n * k / 780e12) * 1e6
+      dense_us = triton.testing.do_bench(lambda: x @ w, return_mode="median") * 1e3
+      cands = candidate_configs(m, k, n, a.group)
+      h = heuristic_config(m, k, n, a.group)
+      # keep the heuristic, then an even spread over the rest
+      step = max(1, len(cands) // a.max_configs)
+      cands = [h] + [c for c in cands[::step] if c != h]
+      rows = []
+      for cfg in cands:
+        t0 = time.time()
+        try:
+          out = launch(cfg, x, qw, s, qz, a.group)
+          err = ((out.float() - ref).norm() / ref.norm()).item()
+          if not err < 1e-2:
+            print("BAD", m, k, n, cfg, err)
+            continue
+          us = triton.testing.do_bench(lambda: launch(cfg, x, qw, s, qz, a.group), return_mode="median") * 1e3
+        except Exception as e:  # out of resources etc.
+          print("FAIL", cfg, str(e)[:200])
+          continue
+        rows.append((us, cfg))
+        results.append(dict(k=k, n=n, m=m, us=us, dense_us=dense_us, floor_us=floor_us, err=err,
+                            config=cfg.to_json(), heuristic=cfg == h, compile_s=time.time() - t0))
+      rows.sort(key=lambda r: r[0])
+      hus = [r[0] for r in rows if r[1] == h]
+      print(f"K={k} N={n} M={m}: floor {floor_us:.1f} us, torch dense {dense_us:.1f} us, "
+            f"heuristic {hus[0] if hus else float('nan'):.1f} us")
+      for us, cfg in rows[:4]:
+        print(f"   {us:8.1f} us  {floor_us / us:5.2f} of floor  {cfg}")
+  if a.out:
+    json.dump(results, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()
