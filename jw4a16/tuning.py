@@ -35,6 +35,7 @@ class KernelConfig:
   group_m: int = 8
   num_warps: int = 4
   num_stages: int = 3
+  unpack: int = 2  # see kernels/w4a16_gemm.py _load_nibbles
 
   def __post_init__(self):
     for f in ("block_m", "block_n", "block_k"):
@@ -51,7 +52,7 @@ class KernelConfig:
   def meta(self) -> dict:
     """The kernel's constexpr tile parameters."""
     return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
-                GROUP_M=self.group_m)
+                GROUP_M=self.group_m, UNPACK=self.unpack)
 
   def grid(self, m: int, n: int) -> tuple[int, int]:
     return (math.ceil(m / self.block_m) * math.ceil(n / self.block_n), self.split_k)

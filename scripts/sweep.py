@@ -8,6 +8,7 @@ against a dequantize-then-matmul reference first.
 """
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -55,6 +56,7 @@ def main():
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--asym", action="store_true")
   p.add_argument("--max-configs", type=int, default=24)
+  p.add_argument("--unpack", default="2")
   p.add_argument("--out", default=None)
   a = p.parse_args()
   dtype = getattr(torch, a.dtype)
@@ -74,6 +76,7 @@ def main():
       # keep the heuristic, then an even spread over the rest
       step = max(1, len(cands) // a.max_configs)
       cands = [h] + [c for c in cands[::step] if c != h]
+      cands = [dataclasses.replace(c, unpack=int(u)) for c in cands for u in a.unpack.split(",")]
       rows = []
       for cfg in cands:
         t0 = time.time()
@@ -91,6 +94,10 @@ def main():
         results.append(dict(k=k, n=n, m=m, us=us, dense_us=dense_us, floor_us=floor_us, err=err,
                             config=cfg.to_json(), heuristic=cfg == h, compile_s=time.time() - t0))
       rows.sort(key=lambda r: r[0])
+      for u in a.unpack.split(","):
+        best = [r for r in rows if r[1].unpack == int(u)][:1]
+        if best:
+          print(f"   best with unpack={u}: {best[0][0]:.1f} us {best[0][1]}")
       hus = [r[0] for r in rows if r[1] == h]
       print(f"K={k} N={n} M={m}: floor {floor_us:.1f} us, torch dense {dense_us:.1f} us, "
             f"heuristic {hus[0] if hus else float('nan'):.1f} us")

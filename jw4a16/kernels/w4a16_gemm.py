@@ -34,11 +34,50 @@ def _magic_float(q):
 
 
 @triton.jit
-def _unpack_rows(words, BLOCK_N: tl.constexpr):
-  """[R, BLOCK_N // 8] int32 words -> [R, BLOCK_N] int32 nibbles, column 8j+i from bits 4i of word j."""
-  shifts = tl.arange(0, 8) * 4
-  nib = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-  return tl.reshape(nib, (words.shape[0], BLOCK_N))
+def _unpack_rows(words, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
+  """[R, BLOCK_N // 8] int32 words -> [R, BLOCK_N] int32 nibbles, column 8j+i from bits 4i of word j.
+
+  UNPACK 0: broadcast the words against 8 shifts and merge the last two dims (may cost a layout conversion).
+  UNPACK 1: interleave the 8 nibble planes with a tree of tl.join, whose new dim lives in each thread's
+  registers, so the final reshape is free.  Column order: join(a, b) puts a at index 0 of a new minor dim,
+  and three levels (over bits 2, 1, 0 of i) flatten to 8j + 4*i2 + 2*i1 + i0 = 8j + i.
+  """
+  if UNPACK == 0:
+    shifts = tl.arange(0, 8) * 4
+    nib = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+    return tl.reshape(nib, (words.shape[0], BLOCK_N))
+  else:
+    q0 = words & 0xF
+    q1 = (words >> 4) & 0xF
+    q2 = (words >> 8) & 0xF
+    q3 = (words >> 12) & 0xF
+    q4 = (words >> 16) & 0xF
+    q5 = (words >> 20) & 0xF
+    q6 = (words >> 24) & 0xF
+    q7 = (words >> 28) & 0xF
+    b0 = tl.join(tl.join(q0, q4), tl.join(q2, q6))
+    b1 = tl.join(tl.join(q1, q5), tl.join(q3, q7))
+    return tl.reshape(tl.join(b0, b1), (words.shape[0], BLOCK_N))
+
+
+@triton.jit
+def _load_nibbles(ptr, rows, mask_rows, n0, N: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
+  """Nibbles [R, BLOCK_N] int32 of packed rows `rows` [R], columns n0 .. n0 + BLOCK_N (n0 % BLOCK_N == 0).
+
+  UNPACK 2 loads each word once per column it holds (the 8 equal addresses of a word merge into one request)
+  and shifts per column: no reshape at all.  UNPACK 0 and 1 load each word once and unpack in registers.
+  """
+  NW: tl.constexpr = N // 8
+  if UNPACK == 2:
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    words = tl.load(ptr + rows[:, None] * NW + (offs_n // 8)[None, :],
+                    mask=mask_rows[:, None] & (offs_n < N)[None, :], other=0)
+    return (words >> ((offs_n % 8) * 4)[None, :]) & 0xF
+  else:
+    offs_w = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+    words = tl.load(ptr + rows[:, None] * NW + offs_w[None, :], mask=mask_rows[:, None] & (offs_w < NW)[None, :],
+                    other=0)
+    return _unpack_rows(words, BLOCK_N, UNPACK)
 
 
 @triton.jit
@@ -59,10 +98,10 @@ def w4a16_gemm_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    UNPACK: tl.constexpr,
 ):
   DTYPE: tl.constexpr = x_ptr.dtype.element_ty
   MAGIC: tl.constexpr = 8388608.0  # 2**23, see _magic_float
-  NW: tl.constexpr = N // 8
   # K range of one split: a multiple of BLOCK_K, so only the last split can run past K.
   K_SPLIT: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
   EVEN_K: tl.constexpr = K % BLOCK_K == 0 and K_SPLIT * SPLIT_K == K
@@ -80,13 +119,12 @@ def w4a16_gemm_kernel(
   pid_m = first_m + (pid % pids_in_group) % group_rows
   pid_n = (pid % pids_in_group) // group_rows
 
+  n0 = pid_n * BLOCK_N
   offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-  offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-  offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+  offs_n = n0 + tl.arange(0, BLOCK_N)
   offs_k = tl.arange(0, BLOCK_K)
   mask_m = offs_m < M
   mask_n = offs_n < N
-  mask_w = offs_w < NW
   # int64 rows: M * K and M * N may pass 2**31.
   x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
 
@@ -100,31 +138,28 @@ def w4a16_gemm_kernel(
     kk = k0 + offs_k
     mask_k = kk < K
     if EVEN_K:
-      words = tl.load(qweight_ptr + kk[:, None] * NW + offs_w[None, :], mask=mask_w[None, :], other=0)
       x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None], other=0.0)
+      w = _magic_float(_load_nibbles(qweight_ptr, kk, offs_k >= 0, n0, N, BLOCK_N, UNPACK))  # 2**23 + q
     else:
-      words = tl.load(qweight_ptr + kk[:, None] * NW + offs_w[None, :],
-                      mask=mask_k[:, None] & mask_w[None, :], other=0)
       x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    w = _magic_float(_unpack_rows(words, BLOCK_N))  # MAGIC + q, exact
+      w = _magic_float(_load_nibbles(qweight_ptr, kk, mask_k, n0, N, BLOCK_N, UNPACK))
 
     if ROW_SCALES:
-      g = k0 // GROUP_SIZE
+      g = tl.minimum(k0, K - 1) // GROUP_SIZE  # clamped: the last split may start past K
       s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
       if HAS_ZP:
-        zw = tl.load(qzeros_ptr + g * NW + offs_w, mask=mask_w, other=0)
-        z = _magic_float(_unpack_rows(zw[None, :], BLOCK_N))
+        z = _magic_float(_load_nibbles(qzeros_ptr, g + tl.arange(0, 1), tl.arange(0, 1) == 0, n0, N, BLOCK_N,
+                                       UNPACK))
       else:
         z = MAGIC + ZP_BIAS
     else:
       g = tl.minimum(kk, K - 1) // GROUP_SIZE
       s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
       if HAS_ZP:
-        zw = tl.load(qzeros_ptr + g[:, None] * NW + offs_w[None, :], mask=mask_w[None, :], other=0)
-        z = _magic_float(_unpack_rows(zw, BLOCK_N))
+        z = _magic_float(_load_nibbles(qzeros_ptr, g, offs_k >= 0, n0, N, BLOCK_N, UNPACK))
       else:
         z = MAGIC + ZP_BIAS
-    # (MAGIC + q) - (MAGIC + z) = q - z exactly; times s is exact in float32; the cast rounds once, as the
+    # (2**23 + q) - (2**23 + z) = q - z exactly; times s is exact in float32; the cast rounds once, as the
     # reference's dequantization does.
     w = ((w - z) * s).to(DTYPE, fp_downcast_rounding="rtne")
 
