@@ -16,7 +16,7 @@ import numpy as np
 
 from jw4a16 import checks, tuning
 from jw4a16.qweight import QuantizedWeight
-from jw4a16.reference import w4a16_matmul_reference
+from jw4a16.reference import dequantize, w4a16_matmul_reference
 
 BACKENDS = ("auto", "triton", "reference")
 BACKEND_ENV = "JW4A16_BACKEND"
@@ -52,15 +52,26 @@ def current_target() -> tuning.Target:
 
 
 def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
-  """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype."""
+  """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype.
+
+  Without a forced config, large M on targets where it measured faster takes the dequantize-then-GEMM route
+  instead: XLA writes the dequantized weight in one fused pass and cuBLAS/hipBLASLt multiplies.
+  """
+  m, k = x2d.shape
+  n = scales.shape[1]
+  target = current_target()
+  if config is None and tuning.use_dequant_gemm(m, target):
+    w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
+    return jnp.matmul(x2d, w, preferred_element_type=jnp.float32).astype(x2d.dtype)
+
   import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
 
   from jw4a16.kernels import w4a16_gemm_kernel  # noqa: PLC0415
 
-  m, k = x2d.shape
-  n = scales.shape[1]
   dtype = np.dtype(x2d.dtype).name
-  cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, current_target())
+  if config is not None:
+    tuning.check_config(config, k, group_size)
+  cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, target)
   if cfg.split_k > 1:
     out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32)
   else:

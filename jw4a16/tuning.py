@@ -35,7 +35,7 @@ class KernelConfig:
   group_m: int = 8
   num_warps: int = 4
   num_stages: int = 3
-  unpack: int = 2  # see kernels/w4a16_gemm.py _load_nibbles
+  unpack: int = 1  # see kernels/w4a16_gemm.py _unpack_rows
 
   def __post_init__(self):
     for f in ("block_m", "block_n", "block_k"):
@@ -179,6 +179,28 @@ def record_tuned(target_name: str, entries: dict[str, KernelConfig]) -> pathlib.
   return path
 
 
+# Measured on H100 (docs/performance.md): from this M on, XLA's one-pass dequantization to a bf16 weight plus
+# cuBLAS beats the fused kernel, whose in-loop dequantization competes with the tensor cores for issue slots.
+DENSE_FROM_M = {"h100": 512, "h200": 512}
+
+
+def use_dequant_gemm(m: int, target: Target) -> bool:
+  """Whether M is large enough that dequantize-then-GEMM beats the fused kernel on this target."""
+  return m >= DENSE_FROM_M.get(target.name, 1 << 62)
+
+
+def legalize(cfg: KernelConfig, k: int, group_size: int) -> KernelConfig:
+  """The kernel needs BLOCK_K to divide the group (each K step inside one group); clamp block_k to G."""
+  if group_size < k and cfg.block_k > group_size:
+    return dataclasses.replace(cfg, block_k=group_size)
+  return cfg
+
+
+def check_config(cfg: KernelConfig, k: int, group_size: int) -> None:
+  if group_size < k and group_size % cfg.block_k:
+    raise ValueError(f"config block_k={cfg.block_k} must divide group_size={group_size}")
+
+
 def fits(cfg: KernelConfig, target: Target, act_bytes: int = 2) -> bool:
   return cfg.shared_memory_bytes(act_bytes) <= target.shared_memory
 
@@ -188,27 +210,27 @@ def select_config(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: b
   key = _key(m, k, n, group_size, dtype, has_zp)
   for table in (user_table(target.name), shipped_table(target.name)):
     if key in table:
-      return table[key]
-  return heuristic_config(m, k, n, group_size, target)
+      return legalize(table[key], k, group_size)
+  return legalize(heuristic_config(m, k, n, group_size, target), k, group_size)
 
 
 def candidate_configs(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:
   """The search space for tuning at one M bucket, pruned by shared memory."""
+  del n
   out = []
   if m == 1:
     for bn in (64, 128, 256):
-      for bk in (64, 128, 256):
+      for bk in (32, 64, 128):
         for split in (1, 2, 4, 8, 16):
-          if k // split >= bk:
-            out.append(KernelConfig(1, bn, bk, split_k=split, num_warps=4, num_stages=3))
+          for unpack in (0, 1):
+            out.append(KernelConfig(1, bn, bk, split_k=split, num_warps=4, num_stages=3, unpack=unpack))
   bms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, m_bucket(m))]
   for bm in bms:
     for bn in (64, 128, 256):
-      for bk in (64, 128):
+      for bk in (32, 64, 128, 256):
         for split in ((1, 2, 4, 8) if m <= 64 else (1,)):
-          if k // split < bk:
-            continue
           for warps in (4, 8):
-            for stages in (3, 4):
+            for stages in (3, 4, 5):
               out.append(KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages))
-  return [c for c in out if fits(c, target)]
+  out = dict.fromkeys(legalize(c, k, group_size) for c in out)  # dedupe, keep order
+  return [c for c in out if fits(c, target) and k // c.split_k >= c.block_k]

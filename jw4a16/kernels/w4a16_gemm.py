@@ -1,12 +1,23 @@
 """Fused W4A16 GEMM: out[M, N] = x[M, K] @ ((q[K, N] - z[g(k), N]) * s[g(k), N]), fp32 accumulation.
 
-One kernel serves every M: a tiled GEMM on tensor cores (tl.dot) for BLOCK_M >= 16 and a GEMV (fp32 FMAs, no
-tensor cores) for BLOCK_M == 1, each optionally split along K (SPLIT_K > 1) so that small-M problems still put
-every SM to work streaming weights.  Split-K writes fp32 partials [SPLIT_K, M, N] that the caller sums (one XLA
-reduce fusion): no atomics, which are slow on AMD and would need a zeroed buffer.
+The dequantization is factored per group instead of applied per weight: within group g,
 
-Argument order follows jax-triton: the input arrays, then the scalar M, then the output.  Every shape except M
-is a constexpr, because jax-triton gives integer scalars no divisibility specialization (see shared/NOTES.md).
+    sum_k x[m, k] (q[k, n] - z[g, n]) s[g, n] = s[g, n] * (sum_k x[m, k] (B + q[k, n]) - (B + z[g, n]) sum_k x[m, k])
+
+where B + q is what ORing the nibble into the mantissa of the float B gives for free (B = 128 for bf16, 1024 for
+fp16: exact, as q < 16 only sets low mantissa bits; the FasterTransformer / Marlin trick).  So the inner loop turns
+each weight word into MMA operands with a shift and a LOP per nibble, and the scale, the zero point and the magic
+offset are applied per K step to the [BLOCK_M, BLOCK_N] fp32 product (plus one row sum of x), a cost that shrinks
+with BLOCK_K / BLOCK_M.
+No int-to-float converts, no per-weight float arithmetic.
+
+One kernel serves every M: tl.dot on tensor cores for BLOCK_M >= 16 and a GEMV body for BLOCK_M == 1 (fp32
+FMAs); each optionally split along K
+(SPLIT_K > 1) so small-M problems still put every SM to work streaming weights.  Split-K writes fp32 partials
+[SPLIT_K, M, N] that the caller sums (one XLA reduce fusion): no atomics, which are slow on AMD.
+
+Argument order follows jax-triton: the input arrays, the scalar M, then the output.  Every shape except M is a
+constexpr, because jax-triton gives integer scalars no divisibility specialization (see shared/NOTES.md).
 
 Layout (GPTQ sequential, packed along N):
   x       [M, K]        fp16 | bf16, row-major
@@ -21,26 +32,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _magic_float(q):
-  """4-bit ints (int32 tensor, values < 16) -> float32 tensor equal to 2**23 + q, by ORing q into the mantissa.
-
-  0x4B000000 is float32 2**23; with q < 16 the OR sets the low mantissa bits, so the pattern reads exactly
-  2**23 + q.  One LOP and a free bitcast replace an int-to-float convert, whose throughput (16/clk/SM on Hopper)
-  would bound the GEMV.  The trick is FasterTransformer's and Marlin's (they use fp16/bf16 magic numbers); the
-  float32 one keeps the arithmetic exact for both activation dtypes and runs in Triton's interpreter, which
-  does no bf16 arithmetic.
-  """
-  return (q | 0x4B000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _unpack_rows(words, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
   """[R, BLOCK_N // 8] int32 words -> [R, BLOCK_N] int32 nibbles, column 8j+i from bits 4i of word j.
 
   UNPACK 0: broadcast the words against 8 shifts and merge the last two dims (may cost a layout conversion).
   UNPACK 1: interleave the 8 nibble planes with a tree of tl.join, whose new dim lives in each thread's
-  registers, so the final reshape is free.  Column order: join(a, b) puts a at index 0 of a new minor dim,
-  and three levels (over bits 2, 1, 0 of i) flatten to 8j + 4*i2 + 2*i1 + i0 = 8j + i.
+  registers, so the final reshape is free.  join(a, b) puts a at index 0 of a new minor dim, and three levels
+  (over bits 2, 1, 0 of i) flatten to 8j + 4*i2 + 2*i1 + i0 = 8j + i.
   """
   if UNPACK == 0:
     shifts = tl.arange(0, 8) * 4
@@ -62,22 +60,21 @@ def _unpack_rows(words, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
 
 @triton.jit
 def _load_nibbles(ptr, rows, mask_rows, n0, N: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
-  """Nibbles [R, BLOCK_N] int32 of packed rows `rows` [R], columns n0 .. n0 + BLOCK_N (n0 % BLOCK_N == 0).
-
-  UNPACK 2 loads each word once per column it holds (the 8 equal addresses of a word merge into one request)
-  and shifts per column: no reshape at all.  UNPACK 0 and 1 load each word once and unpack in registers.
-  """
+  """Nibbles [R, BLOCK_N] int32 (values 0..15) of packed rows `rows` [R], columns n0 .. n0 + BLOCK_N."""
   NW: tl.constexpr = N // 8
-  if UNPACK == 2:
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    words = tl.load(ptr + rows[:, None] * NW + (offs_n // 8)[None, :],
-                    mask=mask_rows[:, None] & (offs_n < N)[None, :], other=0)
-    return (words >> ((offs_n % 8) * 4)[None, :]) & 0xF
+  offs_w = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+  words = tl.load(ptr + rows[:, None] * NW + offs_w[None, :], mask=mask_rows[:, None] & (offs_w < NW)[None, :],
+                  other=0)
+  return _unpack_rows(words, BLOCK_N, UNPACK)
+
+
+@triton.jit
+def _magic(q, DTYPE: tl.constexpr):
+  """Nibbles (int32, < 16) -> DTYPE values B + q, B = 128 (bf16, 0x4300) or 1024 (fp16, 0x6400): one LOP."""
+  if DTYPE == tl.bfloat16:
+    return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
   else:
-    offs_w = n0 // 8 + tl.arange(0, BLOCK_N // 8)
-    words = tl.load(ptr + rows[:, None] * NW + offs_w[None, :], mask=mask_rows[:, None] & (offs_w < NW)[None, :],
-                    other=0)
-    return _unpack_rows(words, BLOCK_N, UNPACK)
+    return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -101,12 +98,11 @@ def w4a16_gemm_kernel(
     UNPACK: tl.constexpr,
 ):
   DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-  MAGIC: tl.constexpr = 8388608.0  # 2**23, see _magic_float
-  # K range of one split: a multiple of BLOCK_K, so only the last split can run past K.
+  B: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0  # see _magic
+  tl.static_assert(GROUP_SIZE == K or GROUP_SIZE % BLOCK_K == 0, "BLOCK_K must divide GROUP_SIZE")
+  # K range of one split, a multiple of BLOCK_K, so only the last split can run past K.
   K_SPLIT: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
   EVEN_K: tl.constexpr = K % BLOCK_K == 0 and K_SPLIT * SPLIT_K == K
-  # One group row per K step when a step never straddles groups.
-  ROW_SCALES: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
 
   # Grouped program order: GROUP_M row-blocks share each weight column-block while it is in L2.
   pid = tl.program_id(0)
@@ -128,51 +124,43 @@ def w4a16_gemm_kernel(
   # int64 rows: M * K and M * N may pass 2**31.
   x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
 
-  if BLOCK_M == 1:
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+  zoff: tl.constexpr = 0.0 if BLOCK_M == 1 else B  # the GEMV body subtracts B per weight itself
+  if HAS_ZP:
+    zero_row = tl.zeros((1, BLOCK_N), dtype=tl.float32)
   else:
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
+    zero_row = tl.full((1, BLOCK_N), zoff + ZP_BIAS, dtype=tl.float32)
+  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
   k_begin = pid_k * K_SPLIT
+  # One flat loop, so Triton's software pipeliner overlaps the loads of step i+1 with step i.  Each step lies
+  # inside one group and applies its own correction: acc += (x @ (B + q) - (B + z) * rowsum(x)) * s.
   for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
     kk = k0 + offs_k
-    mask_k = kk < K
     if EVEN_K:
       x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None], other=0.0)
-      w = _magic_float(_load_nibbles(qweight_ptr, kk, offs_k >= 0, n0, N, BLOCK_N, UNPACK))  # 2**23 + q
+      w = _magic(_load_nibbles(qweight_ptr, kk, offs_k >= 0, n0, N, BLOCK_N, UNPACK), DTYPE)
     else:
+      mask_k = kk < K
       x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-      w = _magic_float(_load_nibbles(qweight_ptr, kk, mask_k, n0, N, BLOCK_N, UNPACK))
-
-    if ROW_SCALES:
-      g = tl.minimum(k0, K - 1) // GROUP_SIZE  # clamped: the last split may start past K
-      s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-      if HAS_ZP:
-        z = _magic_float(_load_nibbles(qzeros_ptr, g + tl.arange(0, 1), tl.arange(0, 1) == 0, n0, N, BLOCK_N,
-                                       UNPACK))
-      else:
-        z = MAGIC + ZP_BIAS
+      w = _magic(_load_nibbles(qweight_ptr, kk, mask_k, n0, N, BLOCK_N, UNPACK), DTYPE)
+    g = tl.minimum(k0, K - 1) // GROUP_SIZE  # clamped: the last split may start past K
+    s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_ZP:
+      z = zoff + _load_nibbles(qzeros_ptr, g + tl.arange(0, 1), tl.arange(0, 1) == 0, n0, N, BLOCK_N,
+                               UNPACK).to(tl.float32)
     else:
-      g = tl.minimum(kk, K - 1) // GROUP_SIZE
-      s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
-      if HAS_ZP:
-        z = _magic_float(_load_nibbles(qzeros_ptr, g, offs_k >= 0, n0, N, BLOCK_N, UNPACK))
-      else:
-        z = MAGIC + ZP_BIAS
-    # (2**23 + q) - (2**23 + z) = q - z exactly; times s is exact in float32; the cast rounds once, as the
-    # reference's dequantization does.
-    w = ((w - z) * s).to(DTYPE, fp_downcast_rounding="rtne")
-
+      z = zero_row
     if BLOCK_M == 1:
-      acc += tl.sum(tl.reshape(x.to(tl.float32), (BLOCK_K, 1)) * w.to(tl.float32), axis=0)
+      xt = tl.reshape(x.to(tl.float32), (BLOCK_K, 1))
+      part = tl.sum(xt * (w.to(tl.float32) - B), axis=0, keep_dims=True)  # x @ q: exact small integers q
+      xsum = tl.sum(xt, axis=0, keep_dims=True)
     else:
-      acc = tl.dot(x, w, acc)
+      part = tl.dot(x, w)
+      xsum = tl.sum(x.to(tl.float32), axis=1, keep_dims=True)
+    acc += (part - z * xsum) * s
 
   if SPLIT_K == 1:
     out_rows = out_ptr + offs_m.to(tl.int64)[:, None] * N
   else:
     out_rows = out_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N
   out = acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-  if BLOCK_M == 1:
-    out = out[None, :]
   tl.store(out_rows + offs_n[None, :], out, mask=mask_m[:, None] & mask_n[None, :])

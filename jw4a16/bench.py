@@ -1,0 +1,252 @@
+"""W4A16 GEMM benchmark: jw4a16 against XLA dense bf16 and the plain-JAX int4 path, in one run.
+
+  python -m jw4a16.bench                        # the full table (GPU), writes benchmarks/results/<card>.*
+  python -m jw4a16.bench --quick                # a few rows
+  python -m jw4a16.bench --plot FILE.json       # redraw the PNG from a results file (no GPU needed)
+
+Timing (shared/NOTES.md): one jitted function applies the op to R weight sets in turn, with R chosen so the
+sets exceed twice the L2 cache; the per-op time is (t_R - t_1) / (R - 1) from medians, which removes host
+dispatch and counts every XLA op the call adds.  Every timed configuration is checked against the reference
+first.  The card's two ceilings (copy bandwidth counting read + write, and a large bf16 matmul) are measured in
+the same run; floor = max(bytes / bandwidth, flops / matmul peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jw4a16.ops import current_target, resolve_backend, w4a16_matmul
+from jw4a16.reference import w4a16_matmul_reference
+
+SHAPES = {  # (K, N)
+    "llama3-8b qkv": (4096, 6144), "llama3-8b gate_up": (4096, 28672), "llama3-8b down": (14336, 4096),
+    "llama3-70b qkv": (8192, 10240), "llama3-70b gate_up": (8192, 57344), "llama3-70b down": (28672, 8192),
+}
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+L2_BYTES = 50 * 2**20
+
+
+def _median_time(f, *args, reps: int = 30) -> float:
+  jax.block_until_ready(f(*args))
+  jax.block_until_ready(f(*args))
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    ts.append(time.perf_counter() - t)
+  return statistics.median(ts)
+
+
+def per_op_us(op, x, weight_sets) -> float:
+  """(t_R - t_1) / (R - 1) in microseconds, each t the median of jitted calls over R or 1 weight sets."""
+  many = jax.jit(lambda x, ws: [op(x, w) for w in ws])
+  t_r = _median_time(many, x, weight_sets)
+  t_1 = _median_time(many, x, weight_sets[:1])
+  return max(t_r - t_1, 0.0) / (len(weight_sets) - 1) * 1e6
+
+
+def measure_ceilings() -> tuple[float, float]:
+  """(copy TB/s counting read + write, bf16 matmul TFLOP/s) on the default device."""
+  a = jnp.ones((2**29,), jnp.bfloat16)  # 1 GiB
+  copy = jax.jit(lambda a: a + jnp.bfloat16(1))
+  t = _median_time(copy, a, reps=20)
+  copy_tbps = 2 * a.nbytes / t / 1e12
+  del a
+  n = 8192
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (n, n), jnp.bfloat16)
+  y = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda x, y: x @ y)
+  t = _median_time(mm, x, y, reps=20)
+  return copy_tbps, 2 * n**3 / t / 1e12
+
+
+def make_quantized(key, k, n, group_size, dtype, symmetric):
+  g = k if group_size == -1 else group_size
+  k1, k2, k3 = jax.random.split(key, 3)
+  qweight = jax.random.randint(k1, (k, n // 8), -2**31, 2**31 - 1, jnp.int32)
+  scales = (jax.random.uniform(k2, (k // g, n), jnp.float32, 0.001, 0.01)).astype(dtype)
+  qzeros = None if symmetric else jax.random.randint(k3, (k // g, n // 8), -2**31, 2**31 - 1, jnp.int32)
+  return qweight, scales, qzeros
+
+
+def xla_int4_weights(qweight, scales, qzeros, group_size):
+  """What a user writes in plain JAX: the weight as jnp.int4 (q - 8), zero points as int4, group scales."""
+  from jw4a16.layout import unpack_int4  # noqa: PLC0415
+
+  q = (unpack_int4(qweight, axis=1) - 8).astype(jnp.int4)
+  z = None if qzeros is None else (unpack_int4(qzeros, axis=1) - 8).astype(jnp.int4)
+  return q, scales, z
+
+
+def xla_int4_op(group_size):
+  def op(x, w):
+    q, s, z = w
+    k, n = q.shape
+    g = k if group_size == -1 else group_size
+    wq = q.astype(x.dtype).reshape(k // g, g, n)
+    if z is not None:
+      wq = wq - z.astype(x.dtype)[:, None, :]
+    return x @ (wq * s[:, None, :]).reshape(k, n)
+  return op
+
+
+def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key):
+  copy_tbps, tflops = ceilings
+  g = k if group_size == -1 else group_size
+  int4_bytes = k * n // 2 + (k // g) * n * (2 + (0 if symmetric else 0.5))
+  dense_bytes = k * n * 2
+  r_int4 = max(2, min(32, math.ceil(2 * L2_BYTES / int4_bytes) + 1))
+  r_dense = max(2, min(32, math.ceil(2 * L2_BYTES / dense_bytes) + 1))
+  sets = [make_quantized(jax.random.fold_in(key, i), k, n, group_size, dtype, symmetric) for i in range(r_int4)]
+  x = jax.random.normal(jax.random.fold_in(key, 999), (m, k), dtype)
+
+  # correctness first: the op against the reference on the first weight set
+  qw, s, qz = sets[0]
+  got = jax.jit(lambda x: w4a16_matmul(x, qw, s, qz, group_size=group_size))(x)
+  ref = jax.jit(lambda x: w4a16_matmul_reference(x, qw, s, qz, group_size=group_size))(x)
+  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+  if not rel < 1e-2:
+    raise AssertionError(f"K={k} N={n} M={m} {dtype.__name__}: relative error {rel:.2e} against the reference")
+
+  ours = per_op_us(lambda x, w: w4a16_matmul(x, *w, group_size=group_size), x, sets)
+  int4_sets = [xla_int4_weights(*w, group_size) for w in sets]
+  del sets
+  xla_int4 = per_op_us(xla_int4_op(group_size), x, int4_sets)
+  del int4_sets
+  dense_sets = [jax.random.normal(jax.random.fold_in(key, 100 + i), (k, n), dtype) for i in range(r_dense)]
+  xla_bf16 = per_op_us(lambda x, w: x @ w, x, dense_sets)
+  del dense_sets
+  moved = int4_bytes + 2 * m * (k + n)
+  floor_us = max(moved / (copy_tbps * 1e12), 2 * m * n * k / (tflops * 1e12)) * 1e6
+  return dict(K=k, N=n, M=m, dtype=jnp.dtype(dtype).name, group_size=group_size, symmetric=symmetric,
+              us=ours, xla_bf16_us=xla_bf16, xla_int4_us=xla_int4, floor_us=floor_us, rel_err=rel,
+              weight_GBps=int4_bytes / (ours * 1e-6) / 1e9 if ours > 0 else float("nan"))
+
+
+def plan(quick: bool):
+  rows = []
+  shapes = list(SHAPES.values())
+  ms = (1, 16, 256, 2048) if quick else MS
+  for k, n in (shapes[:2] if quick else shapes):
+    for m in ms:
+      rows.append((k, n, m, jnp.bfloat16, 128, True))
+  if not quick:
+    for k, n in shapes[:3]:
+      for m in (1, 16, 256, 2048):
+        rows.append((k, n, m, jnp.float16, 128, True))
+        rows.append((k, n, m, jnp.bfloat16, -1, True))
+        rows.append((k, n, m, jnp.bfloat16, 32, True))
+        rows.append((k, n, m, jnp.bfloat16, 128, False))
+  return rows
+
+
+def markdown(result) -> str:
+  lines = [f"# W4A16 GEMM on {result['card']} ({result['date']})", "",
+           f"jax {result['versions']['jax']}, triton {result['versions']['triton']}, "
+           f"jax-triton {result['versions']['jax_triton']}; copy {result['copy_TBps']:.2f} TB/s, "
+           f"bf16 matmul {result['bf16_TFLOPs']:.0f} TFLOP/s. Times in microseconds (median, L2-rotated).", "",
+           "| K | N | M | dtype | G | sym | jw4a16 | XLA bf16 | XLA int4 | floor | floor/jw4a16 | vs bf16 | vs int4 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['dtype']} | {r['group_size']} | {r['symmetric']} | "
+                 f"{r['us']:.1f} | {r['xla_bf16_us']:.1f} | {r['xla_int4_us']:.1f} | {r['floor_us']:.1f} | "
+                 f"{r['floor_us'] / r['us']:.2f} | {r['xla_bf16_us'] / r['us']:.2f}x | "
+                 f"{r['xla_int4_us'] / r['us']:.2f}x |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for name, (k, n) in SHAPES.items():
+    rows = [r for r in result["rows"] if (r["K"], r["N"]) == (k, n) and r["dtype"] == "bfloat16"
+            and r["group_size"] == 128 and r["symmetric"]]
+    if rows:
+      ax.plot([r["M"] for r in rows], [r["xla_bf16_us"] / r["us"] for r in rows], marker="o",
+              label=f"{name} ({k}x{n})")
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("M (tokens)")
+  ax.set_ylabel("speedup over XLA bf16 dense")
+  ax.set_title(f"jw4a16 W4A16, group 128, bf16, {result['card']}")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def versions() -> dict:
+  import triton  # noqa: PLC0415
+
+  try:
+    import jax_triton  # noqa: PLC0415
+    jt = jax_triton.__version__
+  except ImportError:
+    jt = None
+  return dict(jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+              triton=triton.__version__, jax_triton=jt, python=platform.python_version())
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="jw4a16 bench", description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="a few rows only")
+  p.add_argument("--out", default="benchmarks/results", help="folder for <card>.json/.md/.png")
+  p.add_argument("--plot", metavar="JSON", help="only redraw the plot of an existing results file")
+  p.add_argument("--shapes", default=None, help="comma list of KxN to restrict to")
+  a = p.parse_args(argv)
+  if a.plot:
+    result = json.loads(pathlib.Path(a.plot).read_text())
+    plot(result, pathlib.Path(a.plot).with_suffix(".png"))
+    return
+  if resolve_backend() != "triton":
+    raise SystemExit("the benchmark needs a GPU with jax-triton (the Triton path); this machine takes the "
+                     "reference path")
+  dev = jax.devices()[0]
+  card = current_target().name
+  ceilings = measure_ceilings()
+  print(f"{dev.device_kind}: copy {ceilings[0]:.2f} TB/s, bf16 matmul {ceilings[1]:.0f} TFLOP/s", flush=True)
+  rows = plan(a.quick)
+  if a.shapes:
+    keep = {tuple(map(int, s.split("x"))) for s in a.shapes.split(",")}
+    rows = [r for r in rows if (r[0], r[1]) in keep]
+  key = jax.random.key(0)
+  out_rows = []
+  for i, (k, n, m, dtype, g, sym) in enumerate(rows):
+    r = bench_row(k, n, m, dtype, g, sym, ceilings, jax.random.fold_in(key, i))
+    out_rows.append(r)
+    print(f"K={k:6d} N={n:6d} M={m:5d} {r['dtype']:8s} G={g:4d} {'sym ' if sym else 'asym'} "
+          f"jw4a16 {r['us']:8.1f} us | bf16 {r['xla_bf16_us']:8.1f} | int4 {r['xla_int4_us']:8.1f} | "
+          f"floor {r['floor_us']:7.1f} | {r['floor_us'] / r['us']:4.2f} of floor | "
+          f"{r['xla_bf16_us'] / r['us']:5.2f}x bf16", flush=True)
+  result = dict(card=card, device_kind=dev.device_kind, versions=versions(),
+                date=datetime.date.today().isoformat(), copy_TBps=ceilings[0], bf16_TFLOPs=ceilings[1],
+                rows=out_rows)
+  out = pathlib.Path(a.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{card}.json").write_text(json.dumps(result, indent=1))
+  (out / f"{card}.md").write_text(markdown(result))
+  try:
+    plot(result, out / f"{card}.png")
+  except ImportError:
+    print("matplotlib missing: run `python -m jw4a16.bench --plot` on the JSON to draw the PNG")
+  print(markdown(result))
+
+
+if __name__ == "__main__":
+  main()
