@@ -37,7 +37,7 @@ MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 L2_BYTES = 50 * 2**20
 
 
-def _median_time(f, *args, reps: int = 30) -> float:
+def _median_time(f, *args, reps: int = 40) -> float:
   jax.block_until_ready(f(*args))
   jax.block_until_ready(f(*args))
   ts = []
@@ -57,19 +57,17 @@ def per_op_us(op, x, weight_sets) -> float:
 
 
 def measure_ceilings() -> tuple[float, float]:
-  """(copy TB/s counting read + write, bf16 matmul TFLOP/s) on the default device."""
-  a = jnp.ones((2**29,), jnp.bfloat16)  # 1 GiB
-  copy = jax.jit(lambda a: a + jnp.bfloat16(1))
-  t = _median_time(copy, a, reps=20)
-  copy_tbps = 2 * a.nbytes / t / 1e12
-  del a
+  """(copy TB/s counting read + write, bf16 matmul TFLOP/s) on the default device, timed like the ops."""
+  arrays = [jnp.full((2**27,), i, jnp.bfloat16) for i in range(6)]  # 256 MiB each
+  copy_us = per_op_us(lambda _, a: a + jnp.bfloat16(1), None, arrays)
+  copy_tbps = 2 * arrays[0].nbytes / (copy_us * 1e-6) / 1e12
+  del arrays
   n = 8192
   key = jax.random.key(0)
   x = jax.random.normal(key, (n, n), jnp.bfloat16)
-  y = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.bfloat16)
-  mm = jax.jit(lambda x, y: x @ y)
-  t = _median_time(mm, x, y, reps=20)
-  return copy_tbps, 2 * n**3 / t / 1e12
+  ys = [jax.random.normal(jax.random.fold_in(key, i), (n, n), jnp.bfloat16) for i in range(4)]
+  mm_us = per_op_us(lambda x, y: x @ y, x, ys)
+  return copy_tbps, 2 * n**3 / (mm_us * 1e-6) / 1e12
 
 
 def make_quantized(key, k, n, group_size, dtype, symmetric):
@@ -107,8 +105,8 @@ def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key):
   g = k if group_size == -1 else group_size
   int4_bytes = k * n // 2 + (k // g) * n * (2 + (0 if symmetric else 0.5))
   dense_bytes = k * n * 2
-  r_int4 = max(2, min(32, math.ceil(2 * L2_BYTES / int4_bytes) + 1))
-  r_dense = max(2, min(32, math.ceil(2 * L2_BYTES / dense_bytes) + 1))
+  r_int4 = max(8, min(48, math.ceil(2 * L2_BYTES / int4_bytes) + 1))
+  r_dense = max(8, min(48, math.ceil(2 * L2_BYTES / dense_bytes) + 1))
   sets = [make_quantized(jax.random.fold_in(key, i), k, n, group_size, dtype, symmetric) for i in range(r_int4)]
   x = jax.random.normal(jax.random.fold_in(key, 999), (m, k), dtype)
 

@@ -116,27 +116,23 @@ def _split_k(target: Target, tiles: int, k: int, block_k: int, waves: float) -> 
 
 
 def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
-  """Reasoned defaults: the GEMV body with split-K for M = 1, small-M tiles with split-K up to 16, then tiles
-  growing with M.  On AMD (64-wide wavefronts, 64 KiB LDS) tiles stay within LDS and warps count wavefronts."""
+  """Defaults for shapes the tables lack, read off the H100 sweep (docs/performance.md): the GEMV body with
+  split-K for M = 1; 16- and 64-row tiles split along K until about two programs per SM; 64x64x128 tiles from
+  M = 128.  On AMD (64-wide wavefronts, 64 KiB LDS) warps count wavefronts and the software pipeline is two deep,
+  as AMD's Triton tutorials tune it; these are reasoned, not measured (we have no MI300)."""
   amd = target.warp_size == 64
+  stages = 2 if amd else 4
   if m == 1:
-    bn, bk = (128, 128) if not amd else (256, 64)
-    cfg = KernelConfig(1, bn, bk, num_warps=4, num_stages=3)
-    tiles = math.ceil(n / bn)
-    return dataclasses.replace(cfg, split_k=_split_k(target, tiles, k, bk, 4.0))
-  if m <= 16:
-    bn, bk = 64, 128
-    tiles = math.ceil(n / bn)
-    return KernelConfig(16, bn, bk, split_k=_split_k(target, tiles, k, bk, 2.0), num_warps=4, num_stages=4)
+    tiles = math.ceil(n / 128)
+    return KernelConfig(1, 128, 64, split_k=_split_k(target, tiles, k, 64, 4.0), num_warps=4, num_stages=stages - 1,
+                        unpack=0)
   if m <= 64:
-    bm, bn, bk = m_bucket(m), 128, 64
-    tiles = math.ceil(m / bm) * math.ceil(n / bn)
-    return KernelConfig(bm, bn, bk, split_k=_split_k(target, tiles, k, bk, 1.0), num_warps=4, num_stages=4)
-  if m <= 256:
-    return KernelConfig(64, 128, 64, num_warps=4, num_stages=4)
-  if amd:
-    return KernelConfig(128, 128, 32, num_warps=4, num_stages=2)
-  return KernelConfig(128, 256, 64, num_warps=8, num_stages=3)
+    bm = 16 if m <= 16 else 64
+    tiles = math.ceil(m / bm) * math.ceil(n / 128)
+    return KernelConfig(bm, 128, 64, split_k=_split_k(target, tiles, k, 64, 2.0), num_warps=4, num_stages=stages)
+  if m <= 256 or amd:
+    return KernelConfig(64, 64, 128 if not amd else 64, num_warps=4, num_stages=stages)
+  return KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,107 @@
+"""Ahead-of-time compilation of the W4A16 kernel for any target, no GPU needed (triton.compile + GPUTarget).
+
+Used by CI (every config the dispatcher can pick, for sm_80, sm_90, gfx942 and gfx950) and by `jw4a16 doctor`.
+Imports only triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from jw4a16.kernels.w4a16_gemm import w4a16_gemm_kernel
+
+TARGETS = {
+    "sm80": GPUTarget("cuda", 80, 32),
+    "sm90": GPUTarget("cuda", 90, 32),
+    "gfx942": GPUTarget("hip", "gfx942", 64),
+    "gfx950": GPUTarget("hip", "gfx950", 64),
+}
+# Per-block shared memory / LDS limits (bytes): A100 and H100 opt-in maxima, MI300 and MI350 LDS.
+SHARED_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024, "gfx942": 64 * 1024, "gfx950": 160 * 1024}
+_TT = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+  target: str
+  shared: int
+  spills: int | None  # registers spilled (None where the tool chain does not say)
+  matrix_unit: str | None  # the matrix instruction found in the assembly, if any
+  asm_keys: tuple[str, ...]
+
+
+def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
+                   has_zp: bool = False, num_warps: int = 4, num_stages: int = 3):
+  """Compiles w4a16_gemm_kernel for `target` (a key of TARGETS) with the constexprs jax-triton would pass."""
+  out = "fp32" if meta["SPLIT_K"] > 1 else _TT[dtype]
+  sig = {"x_ptr": f"*{_TT[dtype]}", "qweight_ptr": "*i32", "scales_ptr": f"*{_TT[dtype]}", "qzeros_ptr": "*i32",
+         "M": "i32", "out_ptr": f"*{out}"}
+  constexprs = dict(N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=has_zp, ZP_BIAS=8, **meta)
+  sig.update({name: "constexpr" for name in constexprs})
+  # jax-triton assumes 16-byte aligned arrays; say so, as it does
+  attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5)}
+  src = triton.compiler.ASTSource(fn=w4a16_gemm_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+  return triton.compile(src, target=TARGETS[target], options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _ptxas_spills(ptx: str, arch: int) -> int | None:
+  """Spill-store bytes that the ptxas Triton itself picks for this arch reports for the PTX."""
+  try:
+    from triton.backends.nvidia.compiler import get_ptxas  # noqa: PLC0415
+
+    ptxas = get_ptxas(arch).path
+  except Exception:  # other Triton versions: the tool's location moved
+    return None
+  with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "k.ptx")
+    with open(path, "w") as f:
+      f.write(ptx)
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    res = subprocess.run([ptxas, "-v", f"--gpu-name={sm}", path, "-o", os.path.join(d, "k.cubin")],
+                         capture_output=True, text=True, check=True)
+  found = re.findall(r"(\d+) bytes spill stores", res.stderr)
+  return sum(int(v) for v in found) if found else 0
+
+
+def report(target: str, compiled) -> CompileReport:
+  asm = compiled.asm
+  if "amdgcn" in asm:
+    gcn = asm["amdgcn"]
+    spills = sum(int(v) for v in re.findall(r"\.(?:v|s)gpr_spill_count:\s*(\d+)", gcn))
+    unit = "v_mfma" if "v_mfma" in gcn else None
+  else:
+    ptx = asm["ptx"]
+    spills = _ptxas_spills(ptx, TARGETS[target].arch)
+    unit = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else None)
+  return CompileReport(target, compiled.metadata.shared, spills, unit, tuple(asm))
+
+
+def main(argv=None):
+  """python -m jw4a16.kernels.compile TARGET < JSON list of jobs: prints one JSON report per job.
+
+  A job is {"meta": {...}, "n", "k", "group_size", "dtype", "has_zp", "num_warps", "num_stages"}.  A separate
+  process, because under TRITON_INTERPRET=1 (the CPU test runs) @triton.jit builds interpreter functions that
+  triton.compile cannot take.
+  """
+  import json  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  target = (argv or sys.argv[1:])[0]
+  for job in json.load(sys.stdin):
+    meta = job.pop("meta")
+    try:
+      rep = dataclasses.asdict(report(target, compile_kernel(target, meta, **job)))
+    except Exception as e:  # reported to the caller, which fails the test with the message
+      rep = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(rep), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,43 @@
+"""Builds jw4a16/configs/<gpu>.json from scripts/sweep.py output: the fastest config per (K, N, M bucket), with
+unmeasured buckets up to 256 taking the nearest measured M.  bf16, symmetric, the sweep's group size.
+
+  python scripts/make_table.py benchmarks/results/sweep-h100-2026-11-25.json h100 --group 128
+"""
+
+import argparse
+import json
+import pathlib
+
+from jw4a16.tuning import CONFIG_DIR, KernelConfig, _key, legalize
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("sweep")
+  p.add_argument("gpu")
+  p.add_argument("--group", type=int, default=128)
+  a = p.parse_args()
+  rows = json.loads(pathlib.Path(a.sweep).read_text())
+  best = {}
+  for r in rows:
+    key = (r["k"], r["n"], r["m"])
+    if key not in best or r["us"] < best[key]["us"]:
+      best[key] = r
+  table = {}
+  for k, n in sorted({(k, n) for k, n, _ in best}):
+    measured = sorted(m for kk, nn, m in best if (kk, nn) == (k, n))
+    for bucket in BUCKETS:
+      m = min(measured, key=lambda mm: (abs(mm - bucket), mm))
+      cfg = legalize(KernelConfig(**best[(k, n, m)]["config"]), k, a.group)
+      for dtype in ("bfloat16", "float16"):
+        for has_zp in (False, True):
+          table[_key(bucket, k, n, a.group, dtype, has_zp)] = cfg.to_json()
+  out = CONFIG_DIR / f"{a.gpu}.json"
+  out.write_text(json.dumps({"source": a.sweep, "configs": table}, indent=1, sort_keys=True))
+  print(f"wrote {len(table)} entries to {out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,77 @@
+"""Launching the Triton kernel in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py).
+
+Triton 3.9's interpreter stores bf16 as raw uint16: its tl.dot multiplies the raw bits and its float32 -> bf16
+cast truncates without carrying into the exponent.  `patch_interpreter` upcasts bf16 dot operands and rounds
+float32 -> bf16 to nearest even through ml_dtypes, as the GPU does.  The kernel source itself is unchanged.
+"""
+
+import functools
+
+import ml_dtypes
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from jw4a16 import checks, tuning
+from jw4a16.kernels import w4a16_gemm_kernel
+
+
+@functools.cache
+def patch_interpreter():
+  from triton.runtime import interpreter as interp  # noqa: PLC0415
+
+  orig_dot = interp.InterpreterBuilder.create_dot
+
+  def up(h):
+    if h.dtype.scalar == tl.bfloat16:
+      data = h.data.view(np.uint16).astype(np.uint32) << 16
+      return interp.TensorHandle(data.view(np.float32), tl.float32)
+    return h
+
+  def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    return orig_dot(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
+
+  orig_convert = interp._convert_float
+
+  def convert_float(data, input_dtype, output_dtype, rounding_mode):
+    if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+      return np.asarray(data).view(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    return orig_convert(data, input_dtype, output_dtype, rounding_mode)
+
+  interp.InterpreterBuilder.create_dot = create_dot
+  interp._convert_float = convert_float
+
+
+def _torch(a):
+  a = np.asarray(a)
+  if a.dtype == ml_dtypes.bfloat16:
+    return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+  return torch.from_numpy(a.copy())
+
+
+def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConfig, zp_bias=8, g_idx=None):
+  """Mirrors ops._launch (act-order sort, split-K reduction) with CPU torch tensors; returns float32 numpy."""
+  patch_interpreter()
+  x = np.asarray(x)
+  qweight = np.asarray(qweight)
+  k = x.shape[-1]
+  g = checks.resolve_group_size(group_size, k)
+  if g_idx is not None:
+    perm = checks.act_order_permutation(np.asarray(g_idx), g, k // g)
+    qweight, x = qweight[perm], x[..., perm]
+  x2 = x.reshape(-1, k)
+  m, n = x2.shape[0], np.asarray(scales).shape[1]
+  cfg = tuning.legalize(cfg, k, g)
+  dtype = torch.bfloat16 if x.dtype == ml_dtypes.bfloat16 else torch.float16
+  out = torch.empty((cfg.split_k, m, n) if cfg.split_k > 1 else (m, n),
+                    dtype=torch.float32 if cfg.split_k > 1 else dtype)
+  s = _torch(scales)
+  w4a16_gemm_kernel[cfg.grid(m, n)](
+      _torch(x2), _torch(qweight), s, s if qzeros is None else _torch(qzeros), m, out,
+      N=n, K=k, GROUP_SIZE=g, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, num_warps=cfg.num_warps, **cfg.meta())
+  out = out.sum(0).to(dtype) if cfg.split_k > 1 else out
+  return out.float().numpy().reshape(*x.shape[:-1], n)
+
+
+__all__ = ["patch_interpreter", "run_kernel", "triton"]

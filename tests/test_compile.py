@@ -1,0 +1,68 @@
+"""Every config the dispatcher can pick compiles for sm_80, sm_90, gfx942 and gfx950, within the target's shared
+memory, without register spills, and on the matrix units where it uses tl.dot.  No GPU needed.
+
+The compiles run in one subprocess per target without TRITON_INTERPRET (see jw4a16/kernels/compile.py).
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jw4a16 import tuning
+
+TARGETS = ("sm80", "sm90", "gfx942", "gfx950")
+SHARED_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024, "gfx942": 64 * 1024, "gfx950": 160 * 1024}
+HEURISTIC_TARGET = {"sm80": tuning.Target("a100", 108, shared_memory=163 * 1024), "sm90": tuning.H100,
+                    "gfx942": tuning.MI300X, "gfx950": tuning.MI350}
+SHAPES = [(4096, 6144), (14336, 4096), (4096, 28672), (8192, 10240)]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+
+
+def dispatchable(target_name):
+  """(config, K, N) for every config select_config returns on real-model shapes for this target."""
+  target = HEURISTIC_TARGET[target_name]
+  seen = {}
+  for k, n in SHAPES:
+    for m in MS:
+      if not tuning.use_dequant_gemm(m, target):
+        seen.setdefault(tuning.select_config(m, k, n, 128, "bfloat16", False, target), (k, n))
+  return sorted(((c, k, n) for c, (k, n) in seen.items()), key=str)
+
+
+JOBS = {t: [(c, k, n, g, dtype, zp) for c, k, n in dispatchable(t)
+            for g, dtype, zp in ((128, "bfloat16", False), (128, "float16", True))] +
+           [(tuning.legalize(tuning.select_config(16, 4096, 6144, g, "bfloat16", True, HEURISTIC_TARGET[t]), 4096, g),
+             4096, 6144, g, "bfloat16", True) for g in (32, 64, 256, 4096)]
+        for t in TARGETS}
+
+
+@functools.cache
+def reports(target):
+  jobs = [dict(meta=c.meta(), n=n, k=k, group_size=g, dtype=dtype, has_zp=zp, num_warps=c.num_warps,
+               num_stages=c.num_stages) for c, k, n, g, dtype, zp in JOBS[target]]
+  env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+  res = subprocess.run([sys.executable, "-m", "jw4a16.kernels.compile", target], input=json.dumps(jobs),
+                       capture_output=True, text=True, env=env, timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+CASES = [(t, i) for t in TARGETS for i in range(len(JOBS[t]))]
+
+
+@pytest.mark.parametrize("target,i", CASES,
+                         ids=[f"{t}-{JOBS[t][i][0]}-g{JOBS[t][i][3]}-{JOBS[t][i][4]}" for t, i in CASES])
+def test_compiles_within_limits(target, i):
+  cfg, k, n, g, dtype, zp = JOBS[target][i]
+  rep = reports(target)[i]
+  assert "error" not in rep, rep.get("error")
+  assert rep["shared"] <= SHARED_LIMIT[target], rep
+  assert rep["spills"] == 0, rep
+  assert ("hsaco" if target.startswith("gfx") else "cubin") in rep["asm_keys"]
+  if cfg.block_m >= 16:  # tl.dot must land on the matrix units
+    expected = "v_mfma" if target.startswith("gfx") else ("wgmma" if target == "sm90" and cfg.block_m >= 64 else "mma")
+    assert rep["matrix_unit"] == expected, rep
