@@ -12,3 +12,8 @@ __all__ = [
     "KernelConfig", "QuantizedWeight", "dequantize", "pack_int4", "quantized_matmul", "resolve_backend",
     "unpack_int4", "w4a16_matmul", "w4a16_matmul_reference",
 ]
+
+from jw4a16.linen import W4A16Dense  # noqa: E402
+from jw4a16.quantize import quantize, quantize_dense_params  # noqa: E402
+
+__all__ += ["W4A16Dense", "quantize", "quantize_dense_params"]

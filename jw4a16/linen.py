@@ -1,0 +1,74 @@
+"""`W4A16Dense`: flax.linen Dense with an int4 kernel, run through `w4a16_matmul`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jw4a16 import checks
+from jw4a16.ops import w4a16_matmul
+
+# Logical axis names of the parameters (map them to mesh axes with flax.linen.logical_axis_rules):
+#   qweight [K, N // 8], scales [K // G, N], qzeros [K // G, N // 8] -> kernel_axes = (in_axis, out_axis)
+#   bias [N] -> (out_axis,);  perm [K] -> replicated.
+# Column-parallel (split N): kernel_axes=("embed", "mlp") with "mlp" on a mesh axis.
+# Row-parallel (split K): kernel_axes=("mlp", "embed") with "mlp" on a mesh axis (then psum the output).
+DEFAULT_KERNEL_AXES = ("embed", "mlp")
+
+
+def check_layer(in_features: int, features: int, group_size: int) -> int:
+  """Layer-construction checks (init time, before any kernel): returns the resolved group size."""
+  if features % 8 or features <= 0:
+    raise ValueError(f"features={features} must be a positive multiple of 8 (8 int4 values per int32 word)")
+  return checks.resolve_group_size(group_size, in_features)
+
+
+class W4A16Dense(nn.Module):
+  """y = x @ W + b with W int4 in kernel layout.  x [..., K] -> [..., features].
+
+  Parameters: qweight [K, features // 8] int32, scales [K // G, features] param_dtype, qzeros
+  [K // G, features // 8] int32 (asymmetric only), bias [features] param_dtype, perm [K] int32 (act_order only:
+  qweight rows sorted by group, x gathered by perm).  Values from init are placeholders of the right shape and
+  type; real values come from a checkpoint (jw4a16.checkpoint) or from jw4a16.quantize_dense_params.
+
+  dtype: the computation dtype (float16 or bfloat16); default param_dtype.  x and scales are cast to it; the
+  output has it.
+  """
+
+  features: int
+  group_size: int = 128
+  symmetric: bool = True
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.bfloat16
+  act_order: bool = False
+  zp_bias: int = 8
+  kernel_axes: tuple[str | None, str | None] = DEFAULT_KERNEL_AXES
+  backend: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    k = x.shape[-1]
+    g = check_layer(k, self.features, self.group_size)
+    n = self.features
+    part = nn.with_logical_partitioning
+    qweight = self.param("qweight", part(nn.initializers.zeros_init(), self.kernel_axes), (k, n // 8), jnp.int32)
+    scales = self.param("scales", part(nn.initializers.ones_init(), self.kernel_axes), (k // g, n),
+                        self.param_dtype)
+    qzeros = None
+    if not self.symmetric:
+      qzeros = self.param("qzeros", part(nn.initializers.zeros_init(), self.kernel_axes), (k // g, n // 8),
+                          jnp.int32)
+    perm = None
+    if self.act_order:
+      perm = self.param("perm", part(lambda key, shape, dtype: jnp.arange(shape[0], dtype=dtype), (None,)), (k,),
+                        jnp.int32)
+    dtype = jnp.dtype(self.dtype or self.param_dtype)
+    y = w4a16_matmul(x.astype(dtype), qweight, scales.astype(dtype), qzeros, group_size=g, zp_bias=self.zp_bias,
+                     perm=perm, backend=self.backend)
+    if self.use_bias:
+      bias = self.param("bias", part(nn.initializers.zeros_init(), (self.kernel_axes[1],)), (n,), self.param_dtype)
+      y = y + bias.astype(dtype)
+    return y
