@@ -52,6 +52,8 @@ class QuantizedWeight:
     This is where the act-order permutation is applied to the weights (on the host, at load time), so the
     kernel reads groups contiguously and never gathers scales per row.
     """
+    host = isinstance(qweight, np.ndarray)  # loaders keep numpy on the host; others get jax arrays
+    xp = np if host else jnp
     qweight = np.asarray(qweight)
     k = qweight.shape[0]
     g = checks.resolve_group_size(group_size, k)
@@ -59,9 +61,8 @@ class QuantizedWeight:
     if g_idx.shape != (k,):
       raise ValueError(f"g_idx must have shape [K]=[{k}], got {g_idx.shape}")
     sorted_g = np.sort(g_idx)
+    qz = None if qzeros is None else xp.asarray(qzeros)
     if np.array_equal(sorted_g, g_idx) and np.array_equal(g_idx, np.arange(k) // g):
-      return cls(jnp.asarray(qweight), jnp.asarray(scales), None if qzeros is None else jnp.asarray(qzeros),
-                 None, g, zp_bias)  # trivial g_idx: no permutation needed
+      return cls(xp.asarray(qweight), xp.asarray(scales), qz, None, g, zp_bias)  # trivial: no permutation
     perm = checks.act_order_permutation(g_idx, g, k // g)
-    return cls(jnp.asarray(qweight[perm]), jnp.asarray(scales), None if qzeros is None else jnp.asarray(qzeros),
-               jnp.asarray(perm), g, zp_bias)
+    return cls(xp.asarray(qweight[perm]), xp.asarray(scales), qz, xp.asarray(perm), g, zp_bias)

@@ -1,0 +1,103 @@
+"""Orbax save/restore of kernel-layout parameters, restorable straight onto sharded devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jw4a16.checkpoint.safetensors_dir import CheckpointError
+from jw4a16.qweight import QuantizedWeight
+
+FORMAT_VERSION = 1
+META_FILE = "jw4a16.json"
+QW_FIELDS = ("qweight", "scales", "qzeros", "perm")
+
+
+def _split(params, path=()):
+  """params -> (plain tree of arrays, {dotted path: quantized-weight static metadata})."""
+  if isinstance(params, QuantizedWeight):
+    arrays = {f: getattr(params, f) for f in QW_FIELDS if getattr(params, f) is not None}
+    return arrays, {".".join(path): dict(group_size=params.group_size, zp_bias=params.zp_bias)}
+  if isinstance(params, dict):
+    tree, meta = {}, {}
+    for k, v in params.items():
+      tree[k], m = _split(v, path + (str(k),))
+      meta.update(m)
+    return tree, meta
+  return params, {}
+
+
+def _join(tree, meta, path=()):
+  key = ".".join(path)
+  if key in meta:
+    return QuantizedWeight(tree["qweight"], tree["scales"], tree.get("qzeros"), tree.get("perm"),
+                           meta[key]["group_size"], meta[key]["zp_bias"])
+  if isinstance(tree, dict):
+    return {k: _join(v, meta, path + (str(k),)) for k, v in tree.items()}
+  return tree
+
+
+def save(params, directory, *, metadata: dict | None = None) -> pathlib.Path:
+  """Writes params (nested dicts of arrays and QuantizedWeight) to `directory` with Orbax, plus jw4a16.json
+  (format version, each quantized weight's group size, and `metadata`, e.g. source format and symmetry).
+
+  Atomic: everything is written to a temporary sibling directory that is renamed into place at the end, so a
+  failure leaves no partial output; an existing directory is refused.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists():
+    raise FileExistsError(f"{directory} exists; choose a new directory")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  try:
+    tree, qmeta = _split(params)
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(tmp / "params", tree)
+      ckpt.wait_until_finished()
+    (tmp / META_FILE).write_text(json.dumps(dict(format_version=FORMAT_VERSION, quantized=qmeta,
+                                                 metadata=metadata or {}), indent=1))
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def read_metadata(directory) -> dict:
+  path = pathlib.Path(directory) / META_FILE
+  if not path.exists():
+    raise CheckpointError(f"{path}: missing; not a jw4a16 checkpoint")
+  meta = json.loads(path.read_text())
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise CheckpointError(f"{path}: format_version {meta.get('format_version')}, this jw4a16 reads "
+                          f"{FORMAT_VERSION}")
+  return meta
+
+
+def restore(directory, shardings=None):
+  """Restores what `save` wrote.  `shardings`: None (arrays on the default device), or a pytree shaped like the
+  params (QuantizedWeight leaves allowed) of jax.sharding.Sharding, so each device reads only its shards and no
+  whole array is gathered on one device.  Returns (params, metadata)."""
+  directory = pathlib.Path(directory).absolute()
+  meta = read_metadata(directory)
+  with ocp.StandardCheckpointer() as ckpt:
+    md = ckpt.metadata(directory / "params")
+    tree_md = md.item_metadata if hasattr(md, "item_metadata") else md
+    tree_md = getattr(tree_md, "tree", tree_md)
+    if shardings is None:
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree_md)
+    else:
+      sh_tree, _ = _split(shardings)
+      target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree_md, sh_tree)
+    tree = ckpt.restore(directory / "params", target)
+  return _join(tree, meta["quantized"]), meta["metadata"]
+
+
+__all__ = ["read_metadata", "restore", "save", "np"]
