@@ -1,0 +1,359 @@
+"""A Llama / Mistral / Qwen2-style decoder in Flax whose quantized projections run through W4A16Dense.
+
+  m = jw4a16.models.llama.load("path/to/compressed-tensors-dir")
+  logits = m(input_ids)                                  # int32 [B, T] -> float32 [B, T, vocab]
+  out = m.generate(input_ids, max_new_tokens=32)         # greedy; temperature / top_k / top_p with key=
+
+Numerics follow Hugging Face transformers' eager Llama in the checkpoint dtype (bf16 activations, RMSNorm and
+softmax in fp32, rotary tables cast to the activation dtype), so logits match it to bf16 rounding.  Generation
+compiles one prefill and one decode step (the KV cache is preallocated, the position is a traced scalar), so no
+step recompiles.  Prompts in a batch share one length (no padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jw4a16.linen import W4A16Dense
+from jw4a16.qweight import QuantizedWeight
+from jw4a16.quantize import layer_params
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: tuple | None = None  # sorted (key, value) items of the HF rope dict, hashable for jit
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False  # Qwen2: q/k/v biases
+  mlp_bias: bool = False
+  dtype: str = "bfloat16"
+
+  @classmethod
+  def from_hf(cls, c: dict) -> LlamaConfig:
+    arch = (c.get("architectures") or ["LlamaForCausalLM"])[0]
+    if not any(a in arch for a in ("Llama", "Mistral", "Qwen2")):
+      raise ValueError(f"config.json architecture {arch!r}: expected a Llama, Mistral or Qwen2 decoder")
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", None) or c.get("rope_theta", 10000.0)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3", "linear"):
+      raise ValueError(f"rope type {kind!r} is not supported (default, linear, llama3)")
+    heads = c["num_attention_heads"]
+    dtype = c.get("dtype") or c.get("torch_dtype") or "bfloat16"
+    return cls(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+               num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c.get("num_key_value_heads", heads),
+               head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-5),
+               rope_theta=float(theta), rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
+               max_position_embeddings=c.get("max_position_embeddings", 4096),
+               tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+               attention_bias=bool(c.get("attention_bias", "Qwen2" in arch)), mlp_bias=bool(c.get("mlp_bias", False)),
+               dtype=dtype if dtype in ("bfloat16", "float16") else "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """Which projections are int4 and how: module paths like 'layers_0.self_attn.q_proj' -> (group_size,
+  symmetric, act_order)."""
+
+  layers: tuple[tuple[str, tuple[int, bool, bool]], ...] = ()
+
+  def get(self, path: str):
+    return dict(self.layers).get(path)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  if cfg.rope_scaling is None:
+    return inv.astype(np.float32)
+  r = dict(cfg.rope_scaling)
+  kind = r.get("rope_type", r.get("type"))
+  factor = r["factor"]
+  if kind == "linear":
+    return (inv / factor).astype(np.float32)
+  low, high, old = r["low_freq_factor"], r["high_freq_factor"], r["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > old / low, inv / factor, inv)
+  smooth = (old / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("weight", nn.initializers.ones_init(), (x.shape[-1],), x.dtype)
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    return w * h.astype(x.dtype)
+
+
+def projection(quant: QuantSpec, path: str, features: int, bias: bool, dtype, name: str):
+  spec = quant.get(path)
+  if spec is None:
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+  g, sym, act = spec
+  return W4A16Dense(features, group_size=g, symmetric=sym, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                    act_order=act, name=name)
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+  quant: QuantSpec
+  prefix: str
+
+  @nn.compact
+  def __call__(self, x, cos, sin, cache, index):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, t, _ = x.shape
+    h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    p = lambda n, f, bias: projection(self.quant, f"{self.prefix}.{n}", f, bias, dt, n)  # noqa: E731
+    q = p("q_proj", h * d, cfg.attention_bias)(x).reshape(b, t, h, d)
+    k = p("k_proj", kvh * d, cfg.attention_bias)(x).reshape(b, t, kvh, d)
+    v = p("v_proj", kvh * d, cfg.attention_bias)(x).reshape(b, t, kvh, d)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache.dtype), (0, index, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache.dtype), (0, index, 0, 0))
+    s = k_cache.shape[1]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k_cache, preferred_element_type=jnp.float32).astype(dt)
+    scores = scores * jnp.asarray(d**-0.5, dt)
+    q_pos = index + jnp.arange(t)
+    mask = jnp.arange(s)[None, :] <= q_pos[:, None]  # causal; cache slots past the last write are masked too
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_cache, preferred_element_type=jnp.float32).astype(dt)
+    out = p("o_proj", cfg.hidden_size, False)(out.reshape(b, t, h * d))
+    return out, jnp.stack([k_cache, v_cache])
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+  quant: QuantSpec
+  prefix: str
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    p = lambda n, f: projection(self.quant, f"{self.prefix}.{n}", f, cfg.mlp_bias, dt, n)  # noqa: E731
+    return p("down_proj", cfg.hidden_size)(nn.silu(p("gate_proj", cfg.intermediate_size)(x)) *
+                                           p("up_proj", cfg.intermediate_size)(x))
+
+
+class Block(nn.Module):
+  cfg: LlamaConfig
+  quant: QuantSpec
+  prefix: str
+
+  @nn.compact
+  def __call__(self, x, cos, sin, cache, index):
+    a, cache = Attention(self.cfg, self.quant, f"{self.prefix}.self_attn", name="self_attn")(
+        RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), cos, sin, cache, index)
+    x = x + a
+    x = x + MLP(self.cfg, self.quant, f"{self.prefix}.mlp", name="mlp")(
+        RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
+    return x, cache
+
+
+class LlamaForCausalLM(nn.Module):
+  """input_ids int32 [B, T], cache [L, 2, B, S, KVH, D] (or None), index (first position) -> (float32 logits
+  [B, T, vocab], new cache)."""
+
+  cfg: LlamaConfig
+  quant: QuantSpec = QuantSpec()
+
+  @nn.compact
+  def __call__(self, input_ids, cache=None, index=0):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, t = input_ids.shape
+    if cache is None:
+      cache = init_cache(cfg, b, t)
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt, name="embed_tokens")
+    x = embed(input_ids)
+    pos = (index + jnp.arange(t)).astype(jnp.float32)
+    freqs = pos[:, None] * jnp.asarray(rope_inv_freq(cfg))[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = jnp.cos(emb).astype(dt)[None, :, None, :]
+    sin = jnp.sin(emb).astype(dt)[None, :, None, :]
+    new_cache = []
+    for i in range(cfg.num_layers):
+      x, c = Block(cfg, self.quant, f"layers_{i}", name=f"layers_{i}")(x, cos, sin, cache[i], index)
+      new_cache.append(c)
+    x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = projection(self.quant, "lm_head", cfg.vocab_size, False, dt, "lm_head")(x)
+    return logits.astype(jnp.float32), jnp.stack(new_cache)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int):
+  return jnp.zeros((cfg.num_layers, 2, batch, length, cfg.num_kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
+
+
+def hf_to_flax(params: dict, cfg: LlamaConfig) -> tuple[dict, QuantSpec]:
+  """The loader's tree (Hugging Face module paths) -> this module's params and its QuantSpec."""
+  root = params.get("model", params)
+  dt = jnp.dtype(cfg.dtype)
+  quant = []
+
+  def linear(node, path, bias_node=None):
+    if isinstance(node, QuantizedWeight):
+      quant.append((path, (node.group_size, node.qzeros is None, node.perm is not None)))
+      return layer_params(node, bias_node)
+    out = {"kernel": np.asarray(node["weight"]).T.astype(dt)}
+    if "bias" in node:
+      out["bias"] = np.asarray(node["bias"]).astype(dt)
+    return out
+
+  def proj(parent, name, path):
+    node = parent[name]
+    if isinstance(node, dict) and "weight" in node and len(node) <= 2 and not isinstance(node["weight"], dict):
+      return linear(node, path)
+    if isinstance(node, QuantizedWeight):
+      return linear(node, path)
+    # quantized Linear with a float bias: the loader put the QuantizedWeight at the module path, bias beside it
+    raise ValueError(f"unexpected parameters at {path}: {type(node)}")
+
+  flax = {"embed_tokens": {"embedding": np.asarray(root["embed_tokens"]["weight"]).astype(dt)},
+          "norm": {"weight": np.asarray(root["norm"]["weight"]).astype(dt)}}
+  for i in range(cfg.num_layers):
+    layer = root["layers"][str(i)]
+    pre = f"layers_{i}"
+    attn = {n: proj(layer["self_attn"], n, f"{pre}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    for n in ("q_proj", "k_proj", "v_proj"):
+      bias = layer["self_attn"].get(f"{n}_bias")
+      if bias is not None:
+        attn[n]["bias"] = np.asarray(bias).astype(dt)
+    flax[pre] = {"self_attn": attn,
+                 "mlp": {n: proj(layer["mlp"], n, f"{pre}.mlp.{n}") for n in ("gate_proj", "up_proj", "down_proj")},
+                 "input_layernorm": {"weight": np.asarray(layer["input_layernorm"]["weight"]).astype(dt)},
+                 "post_attention_layernorm": {
+                     "weight": np.asarray(layer["post_attention_layernorm"]["weight"]).astype(dt)}}
+  if not cfg.tie_word_embeddings:
+    flax["lm_head"] = proj(params, "lm_head", "lm_head")
+  return flax, QuantSpec(tuple(quant))
+
+
+def sample(logits, key, temperature: float, top_k: int | None, top_p: float | None):
+  """Next tokens [B] from float32 logits [B, V]: greedy at temperature 0, else top-k / top-p sampling."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    srt = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+    cutoff = jnp.take_along_axis(srt, jnp.sum(cum < top_p, axis=-1, keepdims=True), axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class GenerateResult:
+  tokens: np.ndarray  # [B, max_new_tokens]
+  prefill_tokens_per_s: float
+  decode_tokens_per_s: float
+
+
+class LlamaModel:
+  """A loaded model: `m(input_ids)` -> logits; `m.generate(...)`."""
+
+  def __init__(self, cfg: LlamaConfig, params: dict, quant: QuantSpec, tokenizer=None, path=None):
+    self.cfg, self.quant, self.tokenizer, self.path = cfg, quant, tokenizer, path
+    self.module = LlamaForCausalLM(cfg, quant)
+    self.params = jax.device_put(params)
+    self._forward = jax.jit(lambda p, ids: self.module.apply({"params": p}, ids)[0])
+    self._step = jax.jit(lambda p, ids, cache, index: self.module.apply({"params": p}, ids, cache, index),
+                         donate_argnums=(2,))
+
+  def __call__(self, input_ids):
+    return self._forward(self.params, jnp.asarray(input_ids, jnp.int32))
+
+  def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, key=None, on_token=None) -> GenerateResult:
+    """Greedy (temperature 0) or sampled continuation; `on_token(step, tokens [B])` is called per token (for
+    streaming).  The cache holds prompt + new tokens, rounded up to 128 so nearby lengths share compiles."""
+    ids = jnp.asarray(input_ids, jnp.int32)
+    if ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, T] int32, got shape {ids.shape}")
+    b, t = ids.shape
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    length = -(-(t + max_new_tokens) // 128) * 128
+    if temperature > 0 and key is None:
+      raise ValueError("sampling (temperature > 0) needs key=jax.random.key(...)")
+    key = key if key is not None else jax.random.key(0)
+    cache = init_cache(self.cfg, b, length)
+    start = time.perf_counter()
+    logits, cache = self._step(self.params, ids, cache, jnp.int32(0))
+    key, sub = jax.random.split(key)
+    tok = sample(logits[:, -1], sub, temperature, top_k, top_p)
+    tok.block_until_ready()
+    prefill_s = time.perf_counter() - start
+    out = [tok]
+    if on_token:
+      on_token(0, np.asarray(tok))
+    start = time.perf_counter()
+    for i in range(1, max_new_tokens):
+      logits, cache = self._step(self.params, tok[:, None], cache, jnp.int32(t + i - 1))
+      key, sub = jax.random.split(key)
+      tok = sample(logits[:, -1], sub, temperature, top_k, top_p)
+      out.append(tok)
+      if on_token:
+        on_token(i, np.asarray(tok))
+    tokens = np.asarray(jnp.stack(out, axis=1))
+    decode_s = time.perf_counter() - start
+    return GenerateResult(tokens, b * t / prefill_s, b * (max_new_tokens - 1) / decode_s if max_new_tokens > 1
+                          else float("nan"))
+
+
+def load(path, *, dtype=None, progress: bool = True) -> LlamaModel:
+  """Loads a compressed-tensors (or GPTQ / AWQ) Llama-family directory with its tokenizer.json, if any."""
+  from jw4a16 import checkpoint  # noqa: PLC0415
+
+  params, config, _ = checkpoint.load(path, dtype=dtype, progress=progress)
+  cfg = LlamaConfig.from_hf(config)
+  if dtype:
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+  flax_params, quant = hf_to_flax(params, cfg)
+  tok = None
+  tok_file = pathlib.Path(path) / "tokenizer.json"
+  if tok_file.exists():
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    tok = Tokenizer.from_file(str(tok_file))
+  return LlamaModel(cfg, flax_params, quant, tok, path)
+
+
+__all__ = ["Any", "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "QuantSpec", "hf_to_flax", "init_cache", "load",
+           "sample"]
