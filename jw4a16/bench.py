@@ -134,14 +134,15 @@ def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key):
               weight_GBps=int4_bytes / (ours * 1e-6) / 1e9 if ours > 0 else float("nan"))
 
 
-def plan(quick: bool):
+def plan(quick: bool, part: str = "all"):
   rows = []
   shapes = list(SHAPES.values())
   ms = (1, 16, 256, 2048) if quick else MS
-  for k, n in (shapes[:2] if quick else shapes):
-    for m in ms:
-      rows.append((k, n, m, jnp.bfloat16, 128, True))
-  if not quick:
+  if part in ("all", "main"):
+    for k, n in (shapes[:2] if quick else shapes):
+      for m in ms:
+        rows.append((k, n, m, jnp.bfloat16, 128, True))
+  if not quick and part in ("all", "extras"):
     for k, n in shapes[:3]:
       for m in (1, 16, 256, 2048):
         rows.append((k, n, m, jnp.float16, 128, True))
@@ -207,6 +208,9 @@ def main(argv=None):
   p.add_argument("--out", default="benchmarks/results", help="folder for <card>.json/.md/.png")
   p.add_argument("--plot", metavar="JSON", help="only redraw the plot of an existing results file")
   p.add_argument("--shapes", default=None, help="comma list of KxN to restrict to")
+  p.add_argument("--part", default="all", choices=("all", "main", "extras"),
+                 help="main: bf16 group 128 on every shape and M; extras: fp16, group -1 and 32, asymmetric")
+  p.add_argument("--name", default=None, help="results file stem (default: the card)")
   a = p.parse_args(argv)
   if a.plot:
     result = json.loads(pathlib.Path(a.plot).read_text())
@@ -219,7 +223,7 @@ def main(argv=None):
   card = current_target().name
   ceilings = measure_ceilings()
   print(f"{dev.device_kind}: copy {ceilings[0]:.2f} TB/s, bf16 matmul {ceilings[1]:.0f} TFLOP/s", flush=True)
-  rows = plan(a.quick)
+  rows = plan(a.quick, a.part)
   if a.shapes:
     keep = {tuple(map(int, s.split("x"))) for s in a.shapes.split(",")}
     rows = [r for r in rows if (r[0], r[1]) in keep]
@@ -237,13 +241,60 @@ def main(argv=None):
                 rows=out_rows)
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / f"{card}.json").write_text(json.dumps(result, indent=1))
-  (out / f"{card}.md").write_text(markdown(result))
+  stem = a.name or card
+  (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+  (out / f"{stem}.md").write_text(markdown(result))
   try:
-    plot(result, out / f"{card}.png")
+    plot(result, out / f"{stem}.png")
   except ImportError:
     print("matplotlib missing: run `python -m jw4a16.bench --plot` on the JSON to draw the PNG")
   print(markdown(result))
+
+
+def tune_main(argv=None):
+  """`jw4a16 tune --shapes KxN[,KxN] --ms 1,16,64`: times candidate tile configs through the JAX path on this GPU
+  and records the fastest per (M bucket, K, N, group, dtype, symmetry) in the on-disk cache, which
+  select_config reads before the shipped table (so a restarted process reuses it without tuning)."""
+  import random  # noqa: PLC0415
+
+  from jw4a16 import tuning  # noqa: PLC0415
+
+  p = argparse.ArgumentParser(prog="jw4a16 tune")
+  p.add_argument("--shapes", required=True)
+  p.add_argument("--ms", default="1,2,4,8,16,32,64,128,256")
+  p.add_argument("--group", type=int, default=128)
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+  p.add_argument("--asym", action="store_true")
+  p.add_argument("--max-configs", type=int, default=24)
+  a = p.parse_args(argv)
+  if resolve_backend() != "triton":
+    raise SystemExit("tuning needs a GPU with jax-triton")
+  target = current_target()
+  dtype = jnp.dtype(a.dtype)
+  found = {}
+  for shape in a.shapes.split(","):
+    k, n = map(int, shape.split("x"))
+    g = k if a.group == -1 else a.group
+    sets = [make_quantized(jax.random.key(i), k, n, a.group, dtype, not a.asym)
+            for i in range(max(8, math.ceil(2 * L2_BYTES / (k * n / 2)) + 1))]
+    for m in map(int, a.ms.split(",")):
+      x = jax.random.normal(jax.random.key(99), (m, k), dtype)
+      cands = tuning.candidate_configs(m, k, n, g, target)
+      cands = random.Random(m).sample(cands, min(a.max_configs, len(cands)))
+      cands.insert(0, tuning.select_config(m, k, n, g, a.dtype, a.asym, target))
+      best = None
+      for cfg in cands:
+        try:
+          us = per_op_us(lambda x, w, cfg=cfg: w4a16_matmul(x, *w, group_size=a.group, config=cfg), x, sets)
+        except Exception as e:  # a config that fails to compile on this GPU is skipped
+          print(f"  skip {cfg}: {type(e).__name__}")
+          continue
+        if best is None or us < best[0]:
+          best = (us, cfg)
+      key = tuning._key(m, k, n, g, a.dtype, a.asym)  # noqa: SLF001
+      found[key] = best[1]
+      print(f"K={k} N={n} M={m}: {best[0]:.1f} us with {best[1]}", flush=True)
+  print(f"recorded {len(found)} entries in {tuning.record_tuned(target.name, found)}")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,7 @@ class LlamaForCausalLM(nn.Module):
 
   cfg: LlamaConfig
   quant: QuantSpec = QuantSpec()
+  scan_layers: bool = False  # one scanned Block with params stacked on axis 0 (quant paths 'layers.*')
 
   @nn.compact
   def __call__(self, input_ids, cache=None, index=0):
@@ -202,16 +203,22 @@ class LlamaForCausalLM(nn.Module):
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     cos = jnp.cos(emb).astype(dt)[None, :, None, :]
     sin = jnp.sin(emb).astype(dt)[None, :, None, :]
-    new_cache = []
-    for i in range(cfg.num_layers):
-      x, c = Block(cfg, self.quant, f"layers_{i}", name=f"layers_{i}")(x, cos, sin, cache[i], index)
-      new_cache.append(c)
+    if self.scan_layers:  # compiles one layer instead of num_layers
+      blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers)
+      x, new_cache = blocks(cfg, self.quant, "layers", name="layers")(x, cos, sin, cache, index)
+    else:
+      new_cache = []
+      for i in range(cfg.num_layers):
+        x, c = Block(cfg, self.quant, f"layers_{i}", name=f"layers_{i}")(x, cos, sin, cache[i], index)
+        new_cache.append(c)
+      new_cache = jnp.stack(new_cache)
     x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
     else:
       logits = projection(self.quant, "lm_head", cfg.vocab_size, False, dt, "lm_head")(x)
-    return logits.astype(jnp.float32), jnp.stack(new_cache)
+    return logits.astype(jnp.float32), new_cache
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int):

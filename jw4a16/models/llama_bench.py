@@ -1,0 +1,119 @@
+"""Llama-3-8B-shaped decode and prefill throughput: random int4 weights (group 128, symmetric) against the same
+model in bf16, built in memory (nothing to download), in one run.
+
+  python -m jw4a16.models.llama_bench [--layers 32] [--out docs/llama_bench.json]
+
+Decode tokens/s at batch 1 and 16 (median step time over `--steps` jitted decode steps after warm-up, cache
+preallocated and donated), prefill tokens/s at 2048 tokens (batch 1).  Layers are scanned (one compiled layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jw4a16.models.llama import LlamaConfig, LlamaForCausalLM, QuantSpec, init_cache
+
+LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                        num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                        rope_scaling=tuple(sorted(dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                       high_freq_factor=4.0,
+                                                       original_max_position_embeddings=8192).items())))
+PROJ = {"self_attn.q_proj": lambda c: (c.hidden_size, c.num_heads * c.head_dim),
+        "self_attn.k_proj": lambda c: (c.hidden_size, c.num_kv_heads * c.head_dim),
+        "self_attn.v_proj": lambda c: (c.hidden_size, c.num_kv_heads * c.head_dim),
+        "self_attn.o_proj": lambda c: (c.num_heads * c.head_dim, c.hidden_size),
+        "mlp.gate_proj": lambda c: (c.hidden_size, c.intermediate_size),
+        "mlp.up_proj": lambda c: (c.hidden_size, c.intermediate_size),
+        "mlp.down_proj": lambda c: (c.intermediate_size, c.hidden_size)}
+
+
+def random_params(cfg: LlamaConfig, quantized: bool, key):
+  """Stacked (scan) params on the device: int4 projections (group 128, symmetric) or bf16."""
+  dt = jnp.bfloat16
+  L = cfg.num_layers
+  keys = iter(jax.random.split(key, 64))
+  layers = {"input_layernorm": {"weight": jnp.ones((L, cfg.hidden_size), dt)},
+            "post_attention_layernorm": {"weight": jnp.ones((L, cfg.hidden_size), dt)},
+            "self_attn": {}, "mlp": {}}
+  for name, shape in PROJ.items():
+    k, n = shape(cfg)
+    group, proj = name.split(".")
+    if quantized:
+      p = {"qweight": jax.random.randint(next(keys), (L, k, n // 8), -2**31, 2**31 - 1, jnp.int32),
+           "scales": (jax.random.uniform(next(keys), (L, k // 128, n), jnp.float32, 0.0005, 0.002)).astype(dt)}
+    else:
+      p = {"kernel": (jax.random.normal(next(keys), (L, k, n), dt) * 0.01).astype(dt)}
+    layers[group][proj] = p
+  return {"embed_tokens": {"embedding": jax.random.normal(next(keys), (cfg.vocab_size, cfg.hidden_size), dt)},
+          "norm": {"weight": jnp.ones((cfg.hidden_size,), dt)},
+          "lm_head": {"kernel": (jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size), dt) * 0.01)},
+          "layers": layers}
+
+
+def measure(cfg, quantized, batches, steps, prefill_len, key):
+  quant = QuantSpec(tuple((f"layers.{n}", (128, True, False)) for n in PROJ)) if quantized else QuantSpec()
+  model = LlamaForCausalLM(cfg, quant, scan_layers=True)
+  params = random_params(cfg, quantized, key)
+  step = jax.jit(lambda p, ids, cache, i: model.apply({"params": p}, ids, cache, i), donate_argnums=(2,))
+  res = {"weights_GB": sum(a.nbytes for a in jax.tree.leaves(params)) / 1e9}
+  for b in batches:
+    cache = init_cache(cfg, b, 256)
+    ids = jnp.ones((b, 1), jnp.int32)
+    t0 = time.perf_counter()
+    logits, cache = step(params, ids, cache, jnp.int32(0))
+    logits.block_until_ready()
+    res[f"decode_compile_s_b{b}"] = time.perf_counter() - t0
+    times = []
+    for i in range(1, steps + 1):
+      t0 = time.perf_counter()
+      logits, cache = step(params, ids, cache, jnp.int32(i))
+      logits.block_until_ready()
+      times.append(time.perf_counter() - t0)
+    med = statistics.median(times[3:])
+    res[f"decode_ms_b{b}"] = med * 1e3
+    res[f"decode_tokens_per_s_b{b}"] = b / med
+    del cache
+  cache = init_cache(cfg, 1, prefill_len)
+  ids = jnp.ones((1, prefill_len), jnp.int32)
+  logits, cache = step(params, ids, cache, jnp.int32(0))
+  logits.block_until_ready()
+  times = []
+  for _ in range(5):
+    cache = init_cache(cfg, 1, prefill_len)
+    t0 = time.perf_counter()
+    logits, cache = step(params, ids, cache, jnp.int32(0))
+    logits.block_until_ready()
+    times.append(time.perf_counter() - t0)
+  res["prefill_tokens_per_s"] = prefill_len / statistics.median(times)
+  return res
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--layers", type=int, default=32)
+  p.add_argument("--steps", type=int, default=40)
+  p.add_argument("--prefill", type=int, default=2048)
+  p.add_argument("--out", default=None)
+  a = p.parse_args(argv)
+  cfg = dataclasses.replace(LLAMA3_8B, num_layers=a.layers)
+  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers}
+  for name, quantized in (("w4a16", True), ("bf16", False)):
+    out[name] = measure(cfg, quantized, (1, 16), a.steps, a.prefill, jax.random.key(0))
+    print(name, json.dumps(out[name]), flush=True)
+  r = out["w4a16"]["decode_tokens_per_s_b1"] / out["bf16"]["decode_tokens_per_s_b1"]
+  print(f"batch-1 decode: w4a16 {out['w4a16']['decode_tokens_per_s_b1']:.0f} tokens/s, bf16 "
+        f"{out['bf16']['decode_tokens_per_s_b1']:.0f} tokens/s ({r:.2f}x)")
+  if a.out:
+    with open(a.out, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
