@@ -73,3 +73,19 @@ def test_candidate_configs(cfg):
   x = make_x((max(cfg.block_m, 3), 1024))
   out = jw4a16.w4a16_matmul(x, qw, s, group_size=128, config=cfg, backend="triton")
   assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
+
+
+@pytest.mark.parametrize("name", ["jw4a16/assets/tiny-llama-w4a16", "tests/fixtures/llama-w4a16-asym"])
+def test_llama_logits_on_gpu(name):
+  """The real checkpoint through the Triton path: logits against transformers' (bf16 tolerance)."""
+  import json  # noqa: PLC0415
+
+  from jw4a16.models import llama  # noqa: PLC0415
+
+  m = llama.load(name, progress=False)
+  fx = json.load(open(f"{name}/fixture.json"))
+  ref = np.load(f"{name}/reference_logits.npy")
+  got = np.asarray(m(np.array([fx["input_ids"]])))
+  assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2
+  r = m.generate(np.array([fx["input_ids"]]), 8)
+  assert r.tokens.shape == (1, 8)
