@@ -41,4 +41,7 @@ def w4a16_matmul_reference(x, qweight, scales, qzeros=None, *, group_size: int, 
   w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, g_idx=g_idx, dtype=x.dtype)
   if perm is not None:
     x = jnp.take(x, jnp.asarray(perm, jnp.int32), axis=-1)
-  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  # float32 operands hold the bf16/fp16 values exactly, so this is the 16-bit product with fp32 accumulation; XLA
+  # CPU lacks a bf16 x bf16 -> f32 dot in some contexts (inside shard_map with explicit sharding); "highest"
+  # keeps GPUs from using TF32.
+  return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest").astype(x.dtype)

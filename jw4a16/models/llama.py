@@ -40,6 +40,7 @@ class LlamaConfig:
   rms_norm_eps: float = 1e-5
   rope_theta: float = 10000.0
   rope_scaling: tuple | None = None  # sorted (key, value) items of the HF rope dict, hashable for jit
+  tensor_parallel: str | None = None  # mesh axis that int4 projections are split over (jw4a16.sharding)
   max_position_embeddings: int = 4096
   tie_word_embeddings: bool = False
   attention_bias: bool = False  # Qwen2: q/k/v biases
@@ -114,13 +115,20 @@ class RMSNorm(nn.Module):
     return w * h.astype(x.dtype)
 
 
-def projection(quant: QuantSpec, path: str, features: int, bias: bool, dtype, name: str):
+# Megatron-style split of each block over the tensor-parallel axis: q/k/v and gate/up split their outputs
+# (heads, intermediate), o/down their inputs, so a block needs one psum after o_proj and one after down_proj.
+PARALLEL = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "gate_proj": "column", "up_proj": "column",
+            "o_proj": "row", "down_proj": "row"}
+
+
+def projection(quant: QuantSpec, path: str, features: int, bias: bool, dtype, name: str, tp: str | None = None):
   spec = quant.get(path)
   if spec is None:
     return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
   g, sym, act = spec
   return W4A16Dense(features, group_size=g, symmetric=sym, use_bias=bias, dtype=dtype, param_dtype=dtype,
-                    act_order=act, name=name)
+                    act_order=act, name=name, parallel=PARALLEL.get(name) if tp else None,
+                    parallel_axis=tp or "tp")
 
 
 class Attention(nn.Module):
@@ -133,7 +141,8 @@ class Attention(nn.Module):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, t, _ = x.shape
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    p = lambda n, f, bias: projection(self.quant, f"{self.prefix}.{n}", f, bias, dt, n)  # noqa: E731
+    p = lambda n, f, bias: projection(self.quant, f"{self.prefix}.{n}", f, bias, dt, n,  # noqa: E731
+                                      cfg.tensor_parallel)
     q = p("q_proj", h * d, cfg.attention_bias)(x).reshape(b, t, h, d)
     k = p("k_proj", kvh * d, cfg.attention_bias)(x).reshape(b, t, kvh, d)
     v = p("v_proj", kvh * d, cfg.attention_bias)(x).reshape(b, t, kvh, d)
@@ -162,7 +171,8 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    p = lambda n, f: projection(self.quant, f"{self.prefix}.{n}", f, cfg.mlp_bias, dt, n)  # noqa: E731
+    p = lambda n, f: projection(self.quant, f"{self.prefix}.{n}", f, cfg.mlp_bias, dt, n,  # noqa: E731
+                                cfg.tensor_parallel)
     return p("down_proj", cfg.hidden_size)(nn.silu(p("gate_proj", cfg.intermediate_size)(x)) *
                                            p("up_proj", cfg.intermediate_size)(x))
 

@@ -1,0 +1,89 @@
+"""Tensor-parallel W4A16 matmuls under jit with JAX's own machinery (Mesh, NamedSharding, shard_map).
+
+A Triton custom call is opaque to XLA's partitioner, which would gather every operand onto each device; so the
+op runs inside `jax.shard_map`, where each device multiplies its own shard and nothing is gathered:
+
+  column-parallel (split N over mesh axis `axis`): x replicated; qweight, scales, qzeros split along their last
+    dim; the output is split along N.  Needs (N // 8) % shards == 0 (whole int32 words per shard).
+  row-parallel (split K): x split along K; qweight, scales, qzeros split along their first dim; partial outputs
+    are summed with psum.  Needs K % shards == 0 and (K / shards) % G == 0 (whole groups per shard; channelwise
+    weights cannot be split along K).  Act-order (perm): x's columns are gathered by perm on the global x first
+    (activations are small), then split; the weight rows were sorted by group at load time, so each shard holds
+    whole groups.
+
+The mesh is an argument, or the ambient one (`jax.set_mesh(mesh)`).  Parameters come from
+`jw4a16.checkpoint.restore(dir, shardings=...)` already in place (see `param_shardings`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jw4a16 import checks
+from jw4a16.ops import w4a16_matmul
+from jw4a16.qweight import QuantizedWeight
+
+MODES = ("column", "row")
+
+
+def _mesh(mesh):
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  if mesh is None or not mesh.axis_names:
+    raise ValueError("no mesh: pass mesh= or call inside `with jax.set_mesh(mesh):`")
+  return mesh
+
+
+def check_split(mode: str, k: int, n: int, group_size: int, shards: int, axis: str) -> None:
+  """Raises a clear ValueError when the weight cannot be split `shards` ways in `mode`."""
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r} must be one of {MODES}")
+  g = checks.resolve_group_size(group_size, k)
+  if mode == "column":
+    if (n // 8) % shards:
+      raise ValueError(f"column-parallel over {axis!r} ({shards} shards): N={n} gives {n // 8} int32 words, not "
+                       f"divisible by {shards}; N per shard must be a multiple of 8")
+  else:
+    if k % shards or (k // shards) % g:
+      raise ValueError(f"row-parallel over {axis!r} ({shards} shards): K={k} must split into whole groups of "
+                       f"group_size={g} (K per shard {k / shards:g})" +
+                       ("; channelwise weights cannot be split along K" if g == k else ""))
+
+
+def parallel_matmul(x, w: QuantizedWeight, mode: str, axis: str, *, mesh=None, backend=None, config=None):
+  """x [..., K] @ w -> [..., N] with w split over mesh axis `axis` ('column' or 'row'; module docstring)."""
+  mesh = _mesh(mesh)
+  k, n = w.shape
+  shards = mesh.shape[axis]
+  check_split(mode, k, n, w.group_size, shards, axis)
+  lead = (None,) * (x.ndim - 1)
+  has_zp = w.qzeros is not None
+
+  def local(x, qweight, scales, qzeros):
+    y = w4a16_matmul(x, qweight, scales, qzeros if has_zp else None, group_size=w.group_size, zp_bias=w.zp_bias,
+                     backend=backend, config=config)
+    return jax.lax.psum(y, axis) if mode == "row" else y
+
+  if w.perm is not None:  # rows of qweight are sorted by group: permute x's columns once, globally
+    x = jnp.take(x, w.perm, axis=-1)
+  wspec = P(None, axis) if mode == "column" else P(axis, None)
+  xspec = P(*lead, None) if mode == "column" else P(*lead, axis)
+  ospec = P(*lead, axis) if mode == "column" else P(*lead, None)
+  qzeros = w.qzeros if has_zp else jnp.zeros((1, 1), jnp.int32)
+  zspec = wspec if has_zp else P()
+  args = (x, w.qweight, w.scales, qzeros)
+  specs = (xspec, wspec, wspec, zspec)
+  if jax.sharding.AxisType.Explicit in tuple(getattr(mesh, "axis_types", ())):
+    # explicit-sharding meshes type-check shard_map inputs: move each to its spec (a no-op when already there)
+    args = tuple(jax.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))
+  f = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=ospec)
+  return f(*args)
+
+
+def param_shardings(w: QuantizedWeight, mode: str, axis: str, mesh) -> QuantizedWeight:
+  """NamedShardings for one weight, shaped like it: pass a tree of these to checkpoint.restore(shardings=)."""
+  spec = P(None, axis) if mode == "column" else P(axis, None)
+  named = NamedSharding(mesh, spec)
+  return QuantizedWeight(named, named, None if w.qzeros is None else named,
+                         None if w.perm is None else NamedSharding(mesh, P()), w.group_size, w.zp_bias)

@@ -1,0 +1,51 @@
+import pathlib
+
+import numpy as np
+import pytest
+
+from jw4a16 import checkpoint, cli
+
+ROOT = pathlib.Path(__file__).parent.parent
+ASYM = ROOT / "tests/fixtures/llama-w4a16-asym"
+
+
+def test_generate_default(capsys):
+  cli.main(["generate", "--max-new-tokens", "6", "--quiet"])
+  out = capsys.readouterr()
+  assert out.out.startswith("int4 weights make")
+  assert "tokens/s" in out.err and "reference path" in out.err
+
+
+def test_inspect(capsys):
+  cli.main(["inspect", str(ASYM)])
+  out = capsys.readouterr().out
+  assert "compressed-tensors" in out and "asymmetric" in out and "14 quantized layers" in out
+
+
+def test_convert_round_trip(tmp_path, capsys):
+  cli.main(["convert", str(ASYM), str(tmp_path / "out")])
+  assert "verified 4 layers" in capsys.readouterr().out
+  back, meta = checkpoint.restore(tmp_path / "out")
+  src, _, _ = checkpoint.load(ASYM, progress=False)
+  a = src["model"]["layers"]["0"]["self_attn"]["q_proj"]
+  b = back["model"]["layers"]["0"]["self_attn"]["q_proj"]
+  np.testing.assert_array_equal(np.asarray(a.qweight), np.asarray(b.qweight))
+  assert meta["source_format"] == "compressed-tensors" and meta["symmetric"] is False
+
+
+def test_failed_convert_leaves_nothing(tmp_path):
+  import shutil  # noqa: PLC0415
+
+  bad = tmp_path / "bad"
+  shutil.copytree(ASYM, bad)
+  f = bad / "model.safetensors"
+  f.write_bytes(f.read_bytes()[:-5000])
+  with pytest.raises(checkpoint.CheckpointError):
+    cli.main(["convert", str(bad), str(tmp_path / "out")])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_doctor(capsys):
+  cli.main(["doctor"])
+  out = capsys.readouterr().out
+  assert "w4a16_matmul path: reference" in out
