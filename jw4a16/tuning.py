@@ -36,6 +36,12 @@ class KernelConfig:
   num_warps: int = 4
   num_stages: int = 3
   unpack: int = 1  # see kernels/w4a16_gemm.py _unpack_rows
+  # AMD backend knobs (ignored on NVIDIA): occupancy hint, MFMA instruction size (16 or 32), LDS k-packing.
+  # jax-triton 0.3.1 cannot pass them (its triton_call has no backend_options; 0.4.x does): ops.py passes them
+  # where the installed jax-triton accepts them; the AOT compiles in CI always use them.
+  waves_per_eu: int = 0
+  matrix_instr_nonkdim: int = 0
+  kpack: int = 1
 
   def __post_init__(self):
     for f in ("block_m", "block_n", "block_k"):
@@ -53,6 +59,9 @@ class KernelConfig:
     """The kernel's constexpr tile parameters."""
     return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
                 GROUP_M=self.group_m, UNPACK=self.unpack)
+
+  def amd_options(self) -> dict:
+    return dict(waves_per_eu=self.waves_per_eu, matrix_instr_nonkdim=self.matrix_instr_nonkdim, kpack=self.kpack)
 
   def grid(self, m: int, n: int) -> tuple[int, int]:
     return (math.ceil(m / self.block_m) * math.ceil(n / self.block_n), self.split_k)
@@ -122,6 +131,10 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
   as AMD's Triton tutorials tune it; these are reasoned, not measured (we have no MI300)."""
   amd = target.warp_size == 64
   stages = 2 if amd else 4
+  if amd and m > 1:  # MFMA tiles: 16x16 instructions, two waves per SIMD (AMD's Triton GEMM tuning defaults)
+    return dataclasses.replace(heuristic_config(m, k, n, group_size, dataclasses.replace(target, warp_size=32)),
+                               num_stages=stages, waves_per_eu=2, matrix_instr_nonkdim=16,
+                               **({"block_n": 64, "block_k": 64} if m > 256 else {}))
   if m == 1:
     tiles = math.ceil(n / 128)
     return KernelConfig(1, 128, 64, split_k=_split_k(target, tiles, k, 64, 4.0), num_warps=4, num_stages=stages - 1,
@@ -130,8 +143,8 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
     bm = 16 if m <= 16 else 64
     tiles = math.ceil(m / bm) * math.ceil(n / 128)
     return KernelConfig(bm, 128, 64, split_k=_split_k(target, tiles, k, 64, 2.0), num_warps=4, num_stages=stages)
-  if m <= 256 or amd:
-    return KernelConfig(64, 64, 128 if not amd else 64, num_warps=4, num_stages=stages)
+  if m <= 256:
+    return KernelConfig(64, 64, 128, num_warps=4, num_stages=stages)
   return KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
 
 

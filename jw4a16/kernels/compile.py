@@ -38,7 +38,7 @@ class CompileReport:
 
 
 def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
-                   has_zp: bool = False, num_warps: int = 4, num_stages: int = 3):
+                   has_zp: bool = False, num_warps: int = 4, num_stages: int = 3, amd_options: dict | None = None):
   """Compiles w4a16_gemm_kernel for `target` (a key of TARGETS) with the constexprs jax-triton would pass."""
   out = "fp32" if meta["SPLIT_K"] > 1 else _TT[dtype]
   sig = {"x_ptr": f"*{_TT[dtype]}", "qweight_ptr": "*i32", "scales_ptr": f"*{_TT[dtype]}", "qzeros_ptr": "*i32",
@@ -48,7 +48,10 @@ def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, 
   # jax-triton assumes 16-byte aligned arrays; say so, as it does
   attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5)}
   src = triton.compiler.ASTSource(fn=w4a16_gemm_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-  return triton.compile(src, target=TARGETS[target], options=dict(num_warps=num_warps, num_stages=num_stages))
+  options = dict(num_warps=num_warps, num_stages=num_stages)
+  if TARGETS[target].backend == "hip" and amd_options:
+    options.update({k: v for k, v in amd_options.items() if v})
+  return triton.compile(src, target=TARGETS[target], options=options)
 
 
 def _ptxas_spills(ptx: str, arch: int) -> int | None:
