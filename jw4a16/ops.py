@@ -7,7 +7,6 @@ Triton when JAX's default backend is a GPU (cuda or rocm) and jax-triton imports
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import os
 
@@ -80,18 +79,11 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
   out = jt.triton_call(
       x2d, qweight, scales, scales if qzeros is None else qzeros, m,
       kernel=w4a16_gemm_kernel, out_shape=out_shape, grid=cfg.grid(m, n), name="jw4a16_w4a16_gemm",
-      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_backend_options(jt, target, cfg),
+      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
       N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta())
   if cfg.split_k > 1:
     out = out.sum(axis=0).astype(x2d.dtype)
   return out
-
-
-def _backend_options(jt, target: tuning.Target, cfg: tuning.KernelConfig) -> dict:
-  """AMD knobs for jax-triton >= 0.4 (`backend_options=`); 0.3.1 has no way to pass them, so nothing."""
-  if target.warp_size != 64 or "backend_options" not in inspect.signature(jt.triton_call).parameters:
-    return {}
-  return {"backend_options": {k: v for k, v in cfg.amd_options().items() if v}}
 
 
 def _inference_only(fn):

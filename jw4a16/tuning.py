@@ -37,8 +37,8 @@ class KernelConfig:
   num_stages: int = 3
   unpack: int = 1  # see kernels/w4a16_gemm.py _unpack_rows
   # AMD backend knobs (ignored on NVIDIA): occupancy hint, MFMA instruction size (16 or 32), LDS k-packing.
-  # jax-triton 0.3.1 cannot pass them (its triton_call has no backend_options; 0.4.x does): ops.py passes them
-  # where the installed jax-triton accepts them; the AOT compiles in CI always use them.
+  # The AOT compiles (CI, doctor) use them.  jax-triton 0.3.1's triton_call cannot pass them (no
+  # backend_options; 0.4.x has it but is not installable on our machines), so the run-time launch does not yet.
   waves_per_eu: int = 0
   matrix_instr_nonkdim: int = 0
   kpack: int = 1

@@ -1,7 +1,7 @@
 """Independent writers of GPTQ, AWQ and compressed-tensors (with weight_g_idx) checkpoints, from the formats'
 documented layouts (shared/NOTES.md, the libraries' packers), with explicit per-nibble loops that share no code
-with jw4a16.layout.  AutoGPTQ / GPTQModel / AutoAWQ need CUDA builds and cannot be installed on our CPU
-machines, and compressed-tensors >= 0.19 no longer writes weight_g_idx, so these stand in for them."""
+with jw4a16.layout.  Installing AutoGPTQ / GPTQModel / AutoAWQ was not attempted in this session (their packers
+target CUDA), and compressed-tensors >= 0.19 no longer writes weight_g_idx, so these stand in for them."""
 
 import json
 import pathlib
