@@ -26,13 +26,15 @@ def cmd_generate(a):
         file=sys.stderr)
   print(a.prompt if not a.ids else "", end="", flush=True)
   produced = []
+  shown = [0]  # characters printed so far
 
   def on_token(step, toks):
     del step
     produced.append(int(toks[0]))
     text = m.tokenizer.decode(produced)
-    prev = m.tokenizer.decode(produced[:-1])
-    print(text[len(prev):], end="", flush=True)
+    if not text.endswith("\ufffd"):  # a byte-level token may end inside a UTF-8 character: wait for the rest
+      print(text[shown[0]:], end="", flush=True)
+      shown[0] = len(text)
 
   key = jax.random.key(a.seed) if a.temperature > 0 else None
   r = m.generate(np.array([ids], np.int32), a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,

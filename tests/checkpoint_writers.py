@@ -1,7 +1,8 @@
 """Independent writers of GPTQ, AWQ and compressed-tensors (with weight_g_idx) checkpoints, from the formats'
 documented layouts (shared/NOTES.md, the libraries' packers), with explicit per-nibble loops that share no code
-with jw4a16.layout.  Installing AutoGPTQ / GPTQModel / AutoAWQ was not attempted in this session (their packers
-target CUDA), and compressed-tensors >= 0.19 no longer writes weight_g_idx, so these stand in for them."""
+with jw4a16.layout.  GPTQModel (7.7.0) and AutoAWQ (0.2.9) come only as source distributions built against CUDA
+torch; building them on our CPU machines was not attempted.  compressed-tensors >= 0.19 no longer writes
+weight_g_idx.  So these writers stand in for those three producers."""
 
 import json
 import pathlib
