@@ -21,12 +21,14 @@ class W4A16Linear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, group_size: int = 128, symmetric: bool = True,
                use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.bfloat16, act_order: bool = False,
-               zp_bias: int = 8, kernel_axes=DEFAULT_KERNEL_AXES, backend: str | None = None, rngs: nnx.Rngs):
+               zp_bias: int = 8, kernel_axes=DEFAULT_KERNEL_AXES, backend: str | None = None,
+               parallel: str | None = None, parallel_axis: str = "tp", rngs: nnx.Rngs):
     del rngs  # placeholders are deterministic; real values come from a checkpoint or from quantize()
     g = check_layer(in_features, out_features, group_size)
     k, n = in_features, out_features
     self.in_features, self.out_features, self.group_size = k, n, g
     self.dtype, self.param_dtype, self.zp_bias, self.backend = dtype, param_dtype, zp_bias, backend
+    self.parallel, self.parallel_axis = parallel, parallel_axis  # see jw4a16.linen.W4A16Dense
 
     def param(value, axes):
       # sharding metadata for the user's mesh rules; placed lazily (nnx.get_partition_spec), never here
@@ -57,9 +59,16 @@ class W4A16Linear(nnx.Module):
 
   def __call__(self, x):
     dtype = jnp.dtype(self.dtype or self.param_dtype)
-    y = w4a16_matmul(x.astype(dtype), self.qweight.get_value(), self.scales.get_value().astype(dtype),
-                     None if self.qzeros is None else self.qzeros.get_value(), group_size=self.group_size,
-                     zp_bias=self.zp_bias, perm=None if self.perm is None else self.perm.get_value(), backend=self.backend)
+    w = QuantizedWeight(self.qweight.get_value(), self.scales.get_value().astype(dtype),
+                        None if self.qzeros is None else self.qzeros.get_value(),
+                        None if self.perm is None else self.perm.get_value(), self.group_size, self.zp_bias)
+    if self.parallel is not None:
+      from jw4a16.sharding import parallel_matmul  # noqa: PLC0415
+
+      y = parallel_matmul(x.astype(dtype), w, self.parallel, self.parallel_axis, backend=self.backend)
+    else:
+      y = w4a16_matmul(x.astype(dtype), w.qweight, w.scales, w.qzeros, group_size=w.group_size, zp_bias=w.zp_bias,
+                       perm=w.perm, backend=self.backend)
     if self.bias is not None:
       y = y + self.bias.get_value().astype(dtype)
     return y

@@ -83,6 +83,13 @@ def check_layer_under_mesh():
       layer = jw4a16.W4A16Dense(256, group_size=64, use_bias=False, parallel=mode)
       y = jax.jit(layer.apply)(params, x)
       np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
+      from flax import nnx  # noqa: PLC0415
+
+      from jw4a16.nnx import W4A16Linear  # noqa: PLC0415
+
+      lin = W4A16Linear(512, 256, group_size=64, use_bias=False, parallel=mode, rngs=nnx.Rngs(0)).load(w)
+      y2 = nnx.jit(lambda m, x: m(x))(lin, x)
+      np.testing.assert_allclose(np.asarray(y2, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
   print("ok layer")
 
 

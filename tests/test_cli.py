@@ -49,3 +49,30 @@ def test_doctor(capsys):
   cli.main(["doctor"])
   out = capsys.readouterr().out
   assert "w4a16_matmul path: reference" in out
+
+
+def test_bench_tables_from_results(tmp_path):
+  """The benchmark's Markdown table and plot from a results file (no GPU needed); the committed H100 results."""
+  import json  # noqa: PLC0415
+
+  from jw4a16 import bench  # noqa: PLC0415
+
+  result = json.loads((ROOT / "benchmarks/results/h100.json").read_text())
+  for key in ("card", "versions", "date", "copy_TBps", "bf16_TFLOPs", "rows"):
+    assert key in result
+  assert {"K", "N", "M", "dtype", "group_size", "symmetric", "us", "xla_bf16_us", "xla_int4_us", "floor_us"} <= set(
+      result["rows"][0])
+  md = bench.markdown(result)
+  assert md.count("\n| ") == len(result["rows"]) + 1
+  (tmp_path / "r.json").write_text(json.dumps(result))
+  bench.main(["--plot", str(tmp_path / "r.json")])
+  assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_bench_and_tune_refuse_cpu():
+  from jw4a16 import bench  # noqa: PLC0415
+
+  with pytest.raises(SystemExit, match="needs a GPU"):
+    bench.main(["--quick"])
+  with pytest.raises(SystemExit, match="needs a GPU"):
+    bench.tune_main(["--shapes", "4096x4096"])
