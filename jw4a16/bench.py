@@ -292,7 +292,7 @@ def tune_main(argv=None):
           continue
         if best is None or us < best[0]:
           best = (us, cfg)
-      key = tuning._key(m, k, n, g, a.dtype, a.asym)  # noqa: SLF001
+      key = tuning.table_key(m, k, n, g, a.dtype, a.asym)
       found[key] = best[1]
       print(f"K={k} N={n} M={m}: {best[0]:.1f} us with {best[1]}", flush=True)
   print(f"recorded {len(found)} entries in {tuning.record_tuned(target.name, found)}")

@@ -112,7 +112,7 @@ def m_bucket(m: int) -> int:
   return 1 if m <= 1 else min(1 << (m - 1).bit_length(), 4096)
 
 
-def _key(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool) -> str:
+def table_key(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool) -> str:
   return f"m{m_bucket(m)}_k{k}_n{n}_g{group_size}_{dtype}_{'asym' if has_zp else 'sym'}"
 
 
@@ -216,7 +216,7 @@ def fits(cfg: KernelConfig, target: Target, act_bytes: int = 2) -> bool:
 
 def select_config(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool,
                   target: Target = H100) -> KernelConfig:
-  key = _key(m, k, n, group_size, dtype, has_zp)
+  key = table_key(m, k, n, group_size, dtype, has_zp)
   for table in (user_table(target.name), shipped_table(target.name)):
     if key in table:
       return legalize(table[key], k, group_size)

@@ -8,7 +8,7 @@ import argparse
 import json
 import pathlib
 
-from jw4a16.tuning import CONFIG_DIR, KernelConfig, _key, legalize
+from jw4a16.tuning import CONFIG_DIR, KernelConfig, legalize, table_key
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -33,7 +33,7 @@ def main():
       cfg = legalize(KernelConfig(**best[(k, n, m)]["config"]), k, a.group)
       for dtype in ("bfloat16", "float16"):
         for has_zp in (False, True):
-          table[_key(bucket, k, n, a.group, dtype, has_zp)] = cfg.to_json()
+          table[table_key(bucket, k, n, a.group, dtype, has_zp)] = cfg.to_json()
   out = CONFIG_DIR / f"{a.gpu}.json"
   out.write_text(json.dumps({"source": a.sweep, "configs": table}, indent=1, sort_keys=True))
   print(f"wrote {len(table)} entries to {out}")
