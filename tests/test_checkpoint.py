@@ -189,3 +189,22 @@ def test_sharded_directory_with_index(tmp_path):
   a, _, _ = checkpoint.load(FIXTURES["asym"], progress=False)
   np.testing.assert_array_equal(node(params, "model.layers.1.mlp.down_proj").qweight,
                                 node(a, "model.layers.1.mlp.down_proj").qweight)
+
+
+def test_quantized_linear_bias_qwen2_style(tmp_path):
+  """Qwen2 keeps float q/k/v biases beside the quantized weights; the model picks them up."""
+  from jw4a16.models import llama  # noqa: PLC0415
+
+  d = copy_fixture(tmp_path, "sym")
+  bias = (np.arange(256) / 256).astype(ml_bf16())
+  edit_tensors(d, lambda t: t.update({f"model.layers.{i}.self_attn.{p}.bias": bias[: (256 if p == "q_proj" else 128)]
+                                      for i in range(2) for p in ("q_proj", "k_proj", "v_proj")}))
+  edit_config(d, lambda c: c.update(attention_bias=True))
+  params, _, _ = checkpoint.load(d, progress=False)
+  np.testing.assert_array_equal(node(params, "model.layers.1.self_attn.q_proj_bias"), bias)
+  m = llama.load(d, progress=False)
+  assert m.cfg.attention_bias
+  assert "bias" in m.params["layers_0"]["self_attn"]["q_proj"]
+  plain = llama.load(FIXTURES["sym"], progress=False)
+  ids = np.array([[3, 4, 5]], np.int32)
+  assert np.abs(np.asarray(m(ids)) - np.asarray(plain(ids))).max() > 1e-3  # the biases take part

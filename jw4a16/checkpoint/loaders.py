@@ -42,7 +42,7 @@ def parse_scheme(config: dict, path="") -> Scheme:
                             "expected 'group' or 'channel'")
     if w.get("input_activations") or any(g.get("input_activations") for g in groups.values()):
       raise CheckpointError(f"{path}/config.json: quantized activations are not supported (W4A16 only)")
-    return Scheme("compressed-tensors", w.get("group_size") or -1 if strategy == "group" else -1,
+    return Scheme("compressed-tensors", (w.get("group_size") or -1) if strategy == "group" else -1,
                   bool(w.get("symmetric", True)), w.get("actorder"), ignore=tuple(qc.get("ignore") or ()))
   if method == "gptq":
     if qc.get("bits", 4) != 4:
@@ -69,7 +69,8 @@ def load(path, *, dtype=None, progress: bool = True):
 
   Returns (params, config, scheme): params is a nested dict keyed by module path ('model' -> 'layers' -> '0' ->
   'self_attn' -> 'q_proj' -> QuantizedWeight, with numpy arrays; float tensors as numpy arrays under their own
-  names, e.g. ...['embed_tokens']['weight']).  Scales and float tensors are cast to `dtype` (default: the
+  names, e.g. ...['embed_tokens']['weight']; a quantized Linear's bias as '<name>_bias' beside it, e.g.
+  ...['self_attn']['q_proj_bias']).  Scales and float tensors are cast to `dtype` (default: the
   config's dtype, else bfloat16).  Tensors are read one at a time.
   """
   path = pathlib.Path(path)
@@ -93,10 +94,13 @@ def load(path, *, dtype=None, progress: bool = True):
     set_path(params, prefix, type(w)(w.qweight, w.scales.astype(np_dtype), w.qzeros, w.perm, w.group_size,
                                      w.zp_bias))
     bar.update()
+  quantized = set(prefixes)
   for name in names:
     arr = st.get(name)
     if arr.dtype.kind == "f":
       arr = arr.astype(np_dtype)
+    if name.endswith(".bias") and name[: -len(".bias")] in quantized:
+      name = name[: -len(".bias")] + "_bias"  # a quantized Linear's float bias sits beside its QuantizedWeight
     set_path(params, name, arr)
     bar.update()
   bar.close()
