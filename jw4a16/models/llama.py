@@ -241,23 +241,20 @@ def hf_to_flax(params: dict, cfg: LlamaConfig) -> tuple[dict, QuantSpec]:
   dt = jnp.dtype(cfg.dtype)
   quant = []
 
-  def linear(node, path, bias_node=None):
+  def proj(parent, name, path):
+    """A projection's params: W4A16Dense's from a QuantizedWeight (bias from '<name>_bias' beside it), or
+    nn.Dense's from a float {'weight' [N, K], 'bias'?}."""
+    node = parent[name]
     if isinstance(node, QuantizedWeight):
       quant.append((path, (node.group_size, node.qzeros is None, node.perm is not None)))
-      return layer_params(node, bias_node)
+      bias = parent.get(f"{name}_bias")
+      return layer_params(node, None if bias is None else np.asarray(bias).astype(dt))
+    if not (isinstance(node, dict) and "weight" in node):
+      raise ValueError(f"{path}: expected a quantized weight or a float Linear, got {type(node).__name__}")
     out = {"kernel": np.asarray(node["weight"]).T.astype(dt)}
     if "bias" in node:
       out["bias"] = np.asarray(node["bias"]).astype(dt)
     return out
-
-  def proj(parent, name, path):
-    node = parent[name]
-    if isinstance(node, dict) and "weight" in node and len(node) <= 2 and not isinstance(node["weight"], dict):
-      return linear(node, path)
-    if isinstance(node, QuantizedWeight):
-      return linear(node, path)
-    # quantized Linear with a float bias: the loader put the QuantizedWeight at the module path, bias beside it
-    raise ValueError(f"unexpected parameters at {path}: {type(node)}")
 
   flax = {"embed_tokens": {"embedding": np.asarray(root["embed_tokens"]["weight"]).astype(dt)},
           "norm": {"weight": np.asarray(root["norm"]["weight"]).astype(dt)}}
@@ -265,10 +262,6 @@ def hf_to_flax(params: dict, cfg: LlamaConfig) -> tuple[dict, QuantSpec]:
     layer = root["layers"][str(i)]
     pre = f"layers_{i}"
     attn = {n: proj(layer["self_attn"], n, f"{pre}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    for n in ("q_proj", "k_proj", "v_proj"):
-      bias = layer["self_attn"].get(f"{n}_bias")
-      if bias is not None:
-        attn[n]["bias"] = np.asarray(bias).astype(dt)
     flax[pre] = {"self_attn": attn,
                  "mlp": {n: proj(layer["mlp"], n, f"{pre}.mlp.{n}") for n in ("gate_proj", "up_proj", "down_proj")},
                  "input_layernorm": {"weight": np.asarray(layer["input_layernorm"]["weight"]).astype(dt)},
