@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax.numpy as jnp
-import numpy as np
 
 from jw4a16 import checks
 from jw4a16.layout import pack_int4
@@ -92,4 +91,4 @@ def weight_from_params(p: dict, group_size: int, zp_bias: int = 8) -> QuantizedW
   return QuantizedWeight(p["qweight"], p["scales"], p.get("qzeros"), p.get("perm"), group_size, zp_bias)
 
 
-__all__ = ["error_bound", "layer_params", "quantize", "quantize_dense_params", "weight_from_params", "np"]
+__all__ = ["error_bound", "layer_params", "quantize", "quantize_dense_params", "weight_from_params"]

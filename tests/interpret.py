@@ -10,7 +10,6 @@ import functools
 import ml_dtypes
 import numpy as np
 import torch
-import triton
 import triton.language as tl
 
 from jw4a16 import checks, tuning
@@ -74,4 +73,4 @@ def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConf
   return out.float().numpy().reshape(*x.shape[:-1], n)
 
 
-__all__ = ["patch_interpreter", "run_kernel", "triton"]
+__all__ = ["patch_interpreter", "run_kernel"]

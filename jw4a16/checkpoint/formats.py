@@ -21,7 +21,7 @@ import numpy as np
 
 from jw4a16 import checks
 from jw4a16.checkpoint.safetensors_dir import CheckpointError, SafetensorsDir
-from jw4a16.layout import AWQ_ORDER, pack_int4, unpack_int4
+from jw4a16.layout import AWQ_ORDER, pack_int4, repack_k_to_n, unpack_int4
 from jw4a16.qweight import QuantizedWeight
 
 
@@ -93,7 +93,7 @@ def gptq_linear(st: SafetensorsDir, prefix: str, scheme: Scheme) -> QuantizedWei
   k, n = qw.shape[0] * 8, qw.shape[1]
   g = k if scheme.group_size in (-1, None) else scheme.group_size
   _expect(f"{prefix}.scales", scales, (k // g, n), ("float16", "bfloat16", "float32"))
-  qweight = pack_int4(unpack_int4(qw, axis=0), axis=1)  # along K -> along N
+  qweight = repack_k_to_n(qw)
   qz = _expect(f"{prefix}.qzeros", st.get(f"{prefix}.qzeros"), (k // g, n // 8), ("int32",))
   z = unpack_int4(qz, axis=1)
   if scheme.checkpoint_format != "gptq_v2":

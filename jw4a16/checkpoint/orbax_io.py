@@ -9,7 +9,6 @@ import shutil
 import tempfile
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jw4a16.checkpoint.safetensors_dir import CheckpointError
@@ -100,4 +99,4 @@ def restore(directory, shardings=None):
   return _join(tree, meta["quantized"]), meta["metadata"]
 
 
-__all__ = ["read_metadata", "restore", "save", "np"]
+__all__ = ["read_metadata", "restore", "save"]

@@ -16,7 +16,6 @@ import dataclasses
 import math
 import pathlib
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -365,5 +364,5 @@ def load(path, *, dtype=None, progress: bool = True) -> LlamaModel:
   return LlamaModel(cfg, flax_params, quant, tok, path)
 
 
-__all__ = ["Any", "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "QuantSpec", "hf_to_flax", "init_cache", "load",
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "QuantSpec", "hf_to_flax", "init_cache", "load",
            "sample"]
