@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jw4a16 import checks
-from jw4a16.ops import w4a16_matmul
 from jw4a16.qweight import QuantizedWeight
+from jw4a16.sharding import layer_matmul
 
 # Logical axis names of the parameters (map them to mesh axes with flax.linen.logical_axis_rules):
 #   qweight [K, N // 8], scales [K // G, N], qzeros [K // G, N // 8] -> kernel_axes = (in_axis, out_axis)
@@ -71,14 +71,8 @@ class W4A16Dense(nn.Module):
       perm = self.param("perm", part(lambda key, shape, dtype: jnp.arange(shape[0], dtype=dtype), (None,)), (k,),
                         jnp.int32)
     dtype = jnp.dtype(self.dtype or self.param_dtype)
-    if self.parallel is not None:
-      from jw4a16.sharding import parallel_matmul  # noqa: PLC0415 - sharding sits above this module's needs
-
-      w = QuantizedWeight(qweight, scales.astype(dtype), qzeros, perm, g, self.zp_bias)
-      y = parallel_matmul(x.astype(dtype), w, self.parallel, self.parallel_axis, backend=self.backend)
-    else:
-      y = w4a16_matmul(x.astype(dtype), qweight, scales.astype(dtype), qzeros, group_size=g, zp_bias=self.zp_bias,
-                       perm=perm, backend=self.backend)
+    w = QuantizedWeight(qweight, scales.astype(dtype), qzeros, perm, g, self.zp_bias)
+    y = layer_matmul(x.astype(dtype), w, self.parallel, self.parallel_axis, backend=self.backend)
     if self.use_bias:
       bias = self.param("bias", part(nn.initializers.zeros_init(), (self.kernel_axes[1],)), (n,), self.param_dtype)
       y = y + bias.astype(dtype)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jw4a16.linen import DEFAULT_KERNEL_AXES, check_layer
-from jw4a16.ops import w4a16_matmul
 from jw4a16.qweight import QuantizedWeight
+from jw4a16.sharding import layer_matmul
 
 
 class W4A16Linear(nnx.Module):
@@ -62,13 +62,7 @@ class W4A16Linear(nnx.Module):
     w = QuantizedWeight(self.qweight.get_value(), self.scales.get_value().astype(dtype),
                         None if self.qzeros is None else self.qzeros.get_value(),
                         None if self.perm is None else self.perm.get_value(), self.group_size, self.zp_bias)
-    if self.parallel is not None:
-      from jw4a16.sharding import parallel_matmul  # noqa: PLC0415
-
-      y = parallel_matmul(x.astype(dtype), w, self.parallel, self.parallel_axis, backend=self.backend)
-    else:
-      y = w4a16_matmul(x.astype(dtype), w.qweight, w.scales, w.qzeros, group_size=w.group_size, zp_bias=w.zp_bias,
-                       perm=w.perm, backend=self.backend)
+    y = layer_matmul(x.astype(dtype), w, self.parallel, self.parallel_axis, backend=self.backend)
     if self.bias is not None:
       y = y + self.bias.get_value().astype(dtype)
     return y

@@ -81,6 +81,14 @@ def parallel_matmul(x, w: QuantizedWeight, mode: str, axis: str, *, mesh=None, b
   return f(*args)
 
 
+def layer_matmul(x, w: QuantizedWeight, parallel: str | None, axis: str, *, backend=None):
+  """What W4A16Dense and W4A16Linear run: the plain op, or parallel_matmul when `parallel` is set."""
+  if parallel is not None:
+    return parallel_matmul(x, w, parallel, axis, backend=backend)
+  return w4a16_matmul(x, w.qweight, w.scales, w.qzeros, group_size=w.group_size, zp_bias=w.zp_bias, perm=w.perm,
+                      backend=backend)
+
+
 def param_shardings(w: QuantizedWeight, mode: str, axis: str, mesh) -> QuantizedWeight:
   """NamedShardings for one weight, shaped like it: pass a tree of these to checkpoint.restore(shardings=)."""
   spec = P(None, axis) if mode == "column" else P(axis, None)

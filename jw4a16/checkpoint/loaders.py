@@ -59,7 +59,7 @@ def parse_scheme(config: dict, path="") -> Scheme:
                         "(compressed-tensors, gptq, awq)")
 
 
-def _quantized_prefixes(st: SafetensorsDir, scheme: Scheme) -> list[str]:
+def quantized_prefixes(st: SafetensorsDir, scheme: Scheme) -> list[str]:
   marker = MARKER[scheme.format]
   return sorted(name[: -len(marker)] for name in st.keys() if name.endswith(marker))
 
@@ -81,7 +81,7 @@ def load(path, *, dtype=None, progress: bool = True):
   if dtype not in ("bfloat16", "float16"):
     dtype = "bfloat16"
   np_dtype = DTYPES[dtype]
-  prefixes = _quantized_prefixes(st, scheme)
+  prefixes = quantized_prefixes(st, scheme)
   if not prefixes:
     raise CheckpointError(f"{path}: no quantized Linear found (no tensor ending in {MARKER[scheme.format]!r})")
   quant_names = {f"{p}.{suffix}" for p in prefixes for suffix in _suffixes(scheme.format)}
@@ -127,7 +127,7 @@ def inspect(path) -> dict:
   config = read_config(path)
   scheme = parse_scheme(config, path)
   st = SafetensorsDir(path)
-  prefixes = _quantized_prefixes(st, scheme)
+  prefixes = quantized_prefixes(st, scheme)
   layers = []
   for p in prefixes:
     names = [f"{p}.{s}" for s in _suffixes(scheme.format) if f"{p}.{s}" in st]

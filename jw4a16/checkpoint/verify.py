@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jw4a16.checkpoint.formats import MARKER, Scheme
+from jw4a16.checkpoint.formats import Scheme
+from jw4a16.checkpoint.loaders import quantized_prefixes
 from jw4a16.checkpoint.safetensors_dir import CheckpointError, SafetensorsDir
 from jw4a16.layout import AWQ_ORDER, unpack_int4
 from jw4a16.qweight import QuantizedWeight
@@ -56,8 +57,7 @@ def _find(params, prefix):
 def check_sample(path, params, scheme: Scheme, count: int = 4) -> list[str]:
   """Compares `count` layers spread over the checkpoint; raises CheckpointError on any difference."""
   st = SafetensorsDir(path)
-  marker = MARKER[scheme.format]
-  prefixes = sorted(n[: -len(marker)] for n in st.keys() if n.endswith(marker))
+  prefixes = quantized_prefixes(st, scheme)
   if not prefixes:
     return []
   picks = [prefixes[i] for i in np.unique(np.linspace(0, len(prefixes) - 1, max(1, count)).astype(int))]
