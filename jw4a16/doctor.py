@@ -59,7 +59,8 @@ def main():
       try:
         cfg = tuning.select_config(16, 4096, 4096, 128, "bfloat16", False, tuning.H100)
         rep = aot.report(tgt, aot.compile_kernel(tgt, cfg.meta(), n=4096, k=4096, group_size=128,
-                                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                                 kernel=cfg.kernel))
         print(f"kernel cross-compiles for {tgt} (no GPU needed): shared {rep.shared} B, spills {rep.spills}, "
               f"{rep.matrix_unit}")
       except Exception as e:  # report, don't crash

@@ -66,7 +66,7 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
 
   import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
 
-  from jw4a16.kernels import w4a16_gemm_kernel  # noqa: PLC0415
+  from jw4a16.kernels import KERNELS  # noqa: PLC0415
 
   dtype = np.dtype(x2d.dtype).name
   if config is not None:
@@ -78,7 +78,7 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
     out_shape = jax.ShapeDtypeStruct((m, n), x2d.dtype)
   out = jt.triton_call(
       x2d, qweight, scales, scales if qzeros is None else qzeros, m,
-      kernel=w4a16_gemm_kernel, out_shape=out_shape, grid=cfg.grid(m, n), name="jw4a16_w4a16_gemm",
+      kernel=KERNELS[cfg.kernel], out_shape=out_shape, grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
       num_warps=cfg.num_warps, num_stages=cfg.num_stages,
       N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta())
   if cfg.split_k > 1:

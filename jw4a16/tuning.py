@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
 import pathlib
 import tempfile
 
+KERNELS = ("tile", "gemv")
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 CACHE_ENV = "JW4A16_CACHE_DIR"
 
@@ -24,8 +26,10 @@ CACHE_ENV = "JW4A16_CACHE_DIR"
 class KernelConfig:
   """Tile shape and launch parameters of w4a16_gemm_kernel.
 
-  block_m == 1 selects the GEMV body (fp32 FMAs, no tensor cores).  split_k > 1 writes fp32 partials that are
-  summed afterwards.  num_warps counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
+  kernel "tile" is w4a16_gemm_kernel (tl.dot on tensor cores for block_m >= 16; block_m == 1 is its older GEMV
+  body); kernel "gemv" is w4a16_gemv_kernel (one row of x per program, fp32 FMAs over word planes, block_m 1,
+  the program's K range cut into k_lanes interleaved lanes of block_k rows).
+  split_k > 1 writes fp32 partials that are summed afterwards.  num_warps counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
   """
 
   block_m: int
@@ -42,21 +46,33 @@ class KernelConfig:
   waves_per_eu: int = 0
   matrix_instr_nonkdim: int = 0
   kpack: int = 1
+  kernel: str = "tile"  # "tile" | "gemv", see above
+  k_lanes: int = 1  # gemv only
 
   def __post_init__(self):
+    if self.kernel not in KERNELS:
+      raise ValueError(f"KernelConfig.kernel={self.kernel!r} must be one of {KERNELS}")
     for f in ("block_m", "block_n", "block_k"):
       v = getattr(self, f)
       if v < 1 or v & (v - 1):
         raise ValueError(f"KernelConfig.{f}={v} must be a power of two")
-    if self.block_m not in (1,) and self.block_m < 16:
+    if self.kernel == "gemv" and self.block_m != 1:
+      raise ValueError(f"KernelConfig.block_m={self.block_m}: the gemv kernel takes one row of x per program (1)")
+    if self.k_lanes < 1 or self.k_lanes & (self.k_lanes - 1) or (self.k_lanes > 1 and self.kernel != "gemv"):
+      raise ValueError(f"KernelConfig.k_lanes={self.k_lanes} must be a power of two, > 1 only for kernel 'gemv'")
+    if self.kernel == "tile" and self.block_m not in (1,) and self.block_m < 16:
       raise ValueError(f"KernelConfig.block_m={self.block_m}: tl.dot needs >= 16 (or 1 for the GEMV body)")
-    if self.block_n < 16 or self.block_k < 16:
-      raise ValueError(f"KernelConfig block_n={self.block_n}, block_k={self.block_k} must be >= 16")
+    min_k = 1 if self.kernel == "gemv" else 16
+    if self.block_n < 16 or self.block_k < min_k:
+      raise ValueError(f"KernelConfig block_n={self.block_n}, block_k={self.block_k} must be >= 16 "
+                       f"(block_k >= {min_k} for kernel {self.kernel!r})")
     if self.split_k < 1:
       raise ValueError(f"KernelConfig.split_k={self.split_k} must be >= 1")
 
   def meta(self) -> dict:
     """The kernel's constexpr tile parameters."""
+    if self.kernel == "gemv":
+      return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k, K_LANES=self.k_lanes)
     return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
                 GROUP_M=self.group_m, UNPACK=self.unpack)
 
@@ -64,11 +80,15 @@ class KernelConfig:
     return dict(waves_per_eu=self.waves_per_eu, matrix_instr_nonkdim=self.matrix_instr_nonkdim, kpack=self.kpack)
 
   def grid(self, m: int, n: int) -> tuple[int, int]:
+    if self.kernel == "gemv":
+      return (m * math.ceil(n / self.block_n), self.split_k)
     return (math.ceil(m / self.block_m) * math.ceil(n / self.block_n), self.split_k)
 
   def shared_memory_bytes(self, act_bytes: int = 2) -> int:
     """Upper estimate of the pipelined tiles: x [BM, BK] and words [BK, BN // 8] per stage, plus the
-    dequantized [BK, BN] operand Triton stages for the dot."""
+    dequantized [BK, BN] operand Triton stages for the dot.  gemv: the scratch of its final lane reduction."""
+    if self.kernel == "gemv":
+      return self.k_lanes * self.block_n * 4
     per_stage = self.block_m * self.block_k * act_bytes + self.block_k * self.block_n // 2
     return per_stage * max(self.num_stages - 1, 1) + self.block_k * self.block_n * act_bytes
 
@@ -124,6 +144,23 @@ def _split_k(target: Target, tiles: int, k: int, block_k: int, waves: float) -> 
   return split
 
 
+# Up to this M the gemv kernel (one program per row of x) is used where no table entry says otherwise.
+GEMV_MAX_M = {"h100": 1, "h200": 1}
+
+
+def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
+  """512-column tiles of 4 lanes x 8 rows per step (2 warps on NVIDIA, 1 wavefront on AMD), split along K
+  until about 4 programs per SM."""
+  bn, bk, lanes = 512, 8, 4
+  if lanes * bn // (32 * target.warp_size) < 1:
+    lanes = 32 * target.warp_size // bn
+  tiles = m * math.ceil(n / bn)
+  split = 1
+  while tiles * split < 4 * target.num_sms and k // (split * 2) >= 2 * bk * lanes:
+    split *= 2
+  return legalize(gemv_config(bn, bk, lanes, split, target), k, group_size)
+
+
 def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
   """Defaults for shapes the tables lack, read off the H100 sweep (docs/performance.md): the GEMV body with
   split-K for M = 1; 16- and 64-row tiles split along K until about two programs per SM; 64x64x128 tiles from
@@ -135,10 +172,8 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
     return dataclasses.replace(heuristic_config(m, k, n, group_size, dataclasses.replace(target, warp_size=32)),
                                num_stages=stages, waves_per_eu=2, matrix_instr_nonkdim=16,
                                **({"block_n": 64, "block_k": 64} if m > 256 else {}))
-  if m == 1:
-    tiles = math.ceil(n / 128)
-    return KernelConfig(1, 128, 64, split_k=_split_k(target, tiles, k, 64, 4.0), num_warps=4, num_stages=stages - 1,
-                        unpack=0)
+  if m <= GEMV_MAX_M.get(target.name, 1):
+    return gemv_heuristic(m, k, n, group_size, target)
   if m <= 64:
     bm = 16 if m <= 16 else 64
     tiles = math.ceil(m / bm) * math.ceil(n / 128)
@@ -223,10 +258,38 @@ def select_config(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: b
   return legalize(heuristic_config(m, k, n, group_size, target), k, group_size)
 
 
+def gemv_config(block_n: int, block_k: int, k_lanes: int, split_k: int, target: Target = H100,
+                num_stages: int = 1) -> KernelConfig:
+  """A gemv config whose warps exactly cover its [k_lanes, block_n // 8] word tile at 4 words (16 bytes) a
+  thread: num_warps = k_lanes * block_n / (32 * warp_size)."""
+  warps = k_lanes * block_n // (32 * target.warp_size)
+  if warps < 1:
+    raise ValueError(f"gemv tile k_lanes={k_lanes} x block_n={block_n} is smaller than one warp of "
+                     f"{target.warp_size} threads at 4 words each")
+  return KernelConfig(1, block_n, block_k, split_k=split_k, num_warps=warps, num_stages=num_stages, kernel="gemv",
+                      k_lanes=k_lanes)
+
+
+def gemv_candidates(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:
+  """gemv tiles of 1-8 warps, split along K to about 1-8 programs per SM."""
+  out = []
+  for bn, lanes in itertools.product((256, 512, 1024, 2048), (1, 2, 4, 8, 16)):
+    warps = lanes * bn // (32 * target.warp_size)
+    if not 1 <= warps <= 8:
+      continue
+    for bk in (4, 8, 16):
+      tiles = m * math.ceil(n / bn)
+      for split in (1, 2, 4, 8, 16, 32, 64):
+        step = bk * lanes
+        if k // split < step or not target.num_sms <= tiles * split <= 8 * target.num_sms:
+          continue
+        out.append(gemv_config(bn, bk, lanes, split, target))
+  return [legalize(c, k, group_size) for c in out]
+
+
 def candidate_configs(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:
   """The search space for tuning at one M bucket, pruned by shared memory."""
-  del n
-  out = []
+  out = gemv_candidates(m, k, n, group_size, target) if m <= 8 else []
   if m == 1:
     for bn in (64, 128, 256):
       for bk in (32, 64, 128):

@@ -1,7 +1,7 @@
 """Builds jw4a16/configs/<gpu>.json from scripts/sweep.py output: the fastest config per (K, N, M bucket), with
 unmeasured buckets up to 256 taking the nearest measured M.  bf16, symmetric, the sweep's group size.
 
-  python scripts/make_table.py benchmarks/results/sweep-h100-2026-11-25.json h100 --group 128
+  python scripts/make_table.py benchmarks/results/sweep-h100-2026-11-25.json [more sweeps] h100 --group 128
 """
 
 import argparse
@@ -15,27 +15,32 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("sweep")
+  p.add_argument("sweep", nargs="+", help="sweep files; a later file's (K, N, M) rows replace earlier ones'")
   p.add_argument("gpu")
   p.add_argument("--group", type=int, default=128)
   a = p.parse_args()
-  rows = json.loads(pathlib.Path(a.sweep).read_text())
   best = {}
-  for r in rows:
-    key = (r["k"], r["n"], r["m"])
-    if key not in best or r["us"] < best[key]["us"]:
-      best[key] = r
+  for path in a.sweep:
+    rows = json.loads(pathlib.Path(path).read_text())
+    for key in {(r["k"], r["n"], r["m"]) for r in rows}:
+      best.pop(key, None)
+    for r in rows:
+      key = (r["k"], r["n"], r["m"])
+      if key not in best or r["us"] < best[key]["us"]:
+        best[key] = r
   table = {}
   for k, n in sorted({(k, n) for k, n, _ in best}):
     measured = sorted(m for kk, nn, m in best if (kk, nn) == (k, n))
     for bucket in BUCKETS:
       m = min(measured, key=lambda mm: (abs(mm - bucket), mm))
       cfg = legalize(KernelConfig(**best[(k, n, m)]["config"]), k, a.group)
+      if cfg.kernel == "gemv" and bucket > m:  # its cost grows with M: never extrapolate it upwards
+        continue
       for dtype in ("bfloat16", "float16"):
         for has_zp in (False, True):
           table[table_key(bucket, k, n, a.group, dtype, has_zp)] = cfg.to_json()
   out = CONFIG_DIR / f"{a.gpu}.json"
-  out.write_text(json.dumps({"source": a.sweep, "configs": table}, indent=1, sort_keys=True))
+  out.write_text(json.dumps({"source": " ".join(a.sweep), "configs": table}, indent=1, sort_keys=True))
   print(f"wrote {len(table)} entries to {out}")
 
 

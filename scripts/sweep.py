@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.testing
 
-from jw4a16.kernels import w4a16_gemm_kernel
-from jw4a16.tuning import KernelConfig, candidate_configs, heuristic_config, m_bucket
+from jw4a16.kernels import KERNELS
+from jw4a16.tuning import KernelConfig, candidate_configs, gemv_candidates, select_config
 
 
 def make(k, n, g, dtype, has_zp, dev="cuda"):
@@ -45,9 +45,9 @@ def launch(cfg, x, qw, s, qz, g):
   n = s.shape[1]
   out = torch.empty((cfg.split_k, m, n) if cfg.split_k > 1 else (m, n),
                     dtype=torch.float32 if cfg.split_k > 1 else x.dtype, device=x.device)
-  w4a16_gemm_kernel[cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, N=n, K=k, GROUP_SIZE=g,
-                                    HAS_ZP=qz is not None, ZP_BIAS=8, num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages, **cfg.meta())
+  KERNELS[cfg.kernel][cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, N=n, K=k, GROUP_SIZE=g,
+                                      HAS_ZP=qz is not None, ZP_BIAS=8, num_warps=cfg.num_warps,
+                                      num_stages=cfg.num_stages, **cfg.meta())
   return out.sum(0).to(x.dtype) if cfg.split_k > 1 else out
 
 
@@ -59,6 +59,7 @@ def main():
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--asym", action="store_true")
   p.add_argument("--max-configs", type=int, default=24)
+  p.add_argument("--kinds", default="all", choices=("all", "gemv"), help="gemv: only gemv kernel candidates")
   p.add_argument("--out", default=None)
   a = p.parse_args()
   dtype = getattr(torch, a.dtype)
@@ -76,9 +77,9 @@ def main():
       ref = (x.float() @ w.float())
       floor_us = max((k * n / 2 + s.numel() * 2 + m * (k + n) * 2) / bw, 2 * m * n * k / 780e12) * 1e6
       dense_us = triton.testing.do_bench_cudagraph(lambda: [x @ d for d in dense], return_mode="median") * 1e3 / len(dense)
-      cands = candidate_configs(m, k, n, a.group)
-      h = heuristic_config(m, k, n, a.group)
-      # keep the heuristic, then an even spread over the rest
+      cands = (gemv_candidates if a.kinds == "gemv" else candidate_configs)(m, k, n, a.group)
+      h = select_config(m, k, n, a.group, a.dtype, a.asym)  # what the dispatcher picks today: the baseline
+      # keep the current pick, then an even spread over the rest
       cands = [h] + random.Random(m * 7919 + k).sample([c for c in cands if c != h], min(a.max_configs,
                                                                                            len(cands) - 1))
       rows = []
@@ -101,11 +102,11 @@ def main():
       rows.sort(key=lambda r: r[0])
       hus = [r[0] for r in rows if r[1] == h]
       print(f"K={k} N={n} M={m}: floor {floor_us:.1f} us, torch dense {dense_us:.1f} us, "
-            f"heuristic {hus[0] if hus else float('nan'):.1f} us")
+            f"current pick {hus[0] if hus else float('nan'):.1f} us")
       for us, cfg in rows[:4]:
-        print(f"   {us:8.1f} us  {floor_us / us:5.2f} of floor  {cfg}")
-  if a.out:
-    json.dump(results, open(a.out, "w"), indent=1)
+        print(f"   {us:8.1f} us  {floor_us / us:5.2f} of floor  {cfg}", flush=True)
+      if a.out:  # after every (shape, M): a run cut short keeps what it measured
+        json.dump(results, open(a.out, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 import triton.language as tl
 
 from jw4a16 import checks, tuning
-from jw4a16.kernels import w4a16_gemm_kernel
+from jw4a16.kernels import KERNELS
 
 
 @functools.cache
@@ -66,7 +66,7 @@ def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConf
   out = torch.empty((cfg.split_k, m, n) if cfg.split_k > 1 else (m, n),
                     dtype=torch.float32 if cfg.split_k > 1 else dtype)
   s = _torch(scales)
-  w4a16_gemm_kernel[cfg.grid(m, n)](
+  KERNELS[cfg.kernel][cfg.grid(m, n)](
       _torch(x2), _torch(qweight), s, s if qzeros is None else _torch(qzeros), m, out,
       N=n, K=k, GROUP_SIZE=g, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, num_warps=cfg.num_warps, **cfg.meta())
   out = out.sum(0).to(dtype) if cfg.split_k > 1 else out

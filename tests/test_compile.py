@@ -43,7 +43,8 @@ JOBS = {t: [(c, k, n, g, dtype, zp) for c, k, n in dispatchable(t)
 @functools.cache
 def reports(target):
   jobs = [dict(meta=c.meta(), n=n, k=k, group_size=g, dtype=dtype, has_zp=zp, num_warps=c.num_warps,
-               num_stages=c.num_stages, amd_options=c.amd_options()) for c, k, n, g, dtype, zp in JOBS[target]]
+               num_stages=c.num_stages, amd_options=c.amd_options(), kernel=c.kernel)
+          for c, k, n, g, dtype, zp in JOBS[target]]
   env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
   res = subprocess.run([sys.executable, "-m", "jw4a16.kernels.compile", target], input=json.dumps(jobs),
                        capture_output=True, text=True, env=env, timeout=900)

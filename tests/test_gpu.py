@@ -75,6 +75,21 @@ def test_candidate_configs(cfg):
   assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
 
 
+@pytest.mark.parametrize("cfg", [tuning.gemv_config(bn, bk, lanes, split) for bn, bk, lanes, split in (
+    (256, 8, 4, 1), (512, 4, 2, 3), (1024, 16, 1, 1), (256, 2, 16, 5), (512, 8, 4, 8), (2048, 16, 8, 2))], ids=str)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("kng", [(4096, 6144, 128), (200, 1040, -1), (512, 72, 32)])
+def test_gemv_configs(cfg, dtype, symmetric, kng):
+  """The gemv kernel on the GPU: uneven and past-K splits, N past and not a multiple of a tile, K not a
+  multiple of a step, zero points, both dtypes, several rows of x."""
+  k, n, g = kng
+  qw, s, qz, _, w = make_weights(k, n, g, symmetric=symmetric, dtype=dtype)
+  x = make_x((3, k), dtype)
+  out = jw4a16.w4a16_matmul(x, qw, s, qz, group_size=g, config=cfg, backend="triton")
+  assert_close(out, np.asarray(x, np.float64) @ w, dtype)
+
+
 @pytest.mark.parametrize("name", ["jw4a16/assets/tiny-llama-w4a16", "tests/fixtures/llama-w4a16-asym"])
 def test_llama_logits_on_gpu(name):
   """The real checkpoint through the Triton path: logits against transformers' (bf16 tolerance)."""

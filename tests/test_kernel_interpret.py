@@ -53,6 +53,39 @@ def test_tile_configs(cfg, kng):
   assert_close(run_kernel(x, qw, s, qz, group_size=g, cfg=cfg), np.asarray(x, np.float64) @ w, "bfloat16")
 
 
+GEMV_CONFIGS = [
+    tuning.gemv_config(256, 8, 4, 1),
+    tuning.gemv_config(512, 4, 2, 3),  # uneven split
+    tuning.gemv_config(1024, 16, 1, 1),
+    tuning.gemv_config(256, 2, 16, 5),  # splits past K
+    tuning.gemv_config(512, 8, 4, 1, tuning.MI300X),  # 64-wide wavefronts
+]
+
+
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("kng", [(512, 72, 128), (256, 1040, 32), (200, 48, -1)])
+def test_gemv_configs(cfg, dtype, kng):
+  """The gemv kernel: several rows of x, N past one tile and not a multiple of it, K not a multiple of a step
+  (channelwise K = 200), zero points."""
+  from tests.interpret import run_kernel  # noqa: PLC0415
+
+  k, n, g = kng
+  qw, s, qz, _, w = make_weights(k, n, g, symmetric=False, dtype=dtype)
+  x = make_x((3, k), dtype)
+  assert_close(run_kernel(x, qw, s, qz, group_size=g, cfg=cfg), np.asarray(x, np.float64) @ w, dtype)
+
+
+def test_gemv_symmetric_bias():
+  """No qzeros: the zero is zp_bias (8 for uint4b8, or another stored bias)."""
+  from tests.interpret import run_kernel  # noqa: PLC0415
+
+  qw, s, _, _, w = make_weights(256, 64, 64)
+  x = make_x((2, 256))
+  assert_close(run_kernel(x, qw, s, None, group_size=64, cfg=tuning.gemv_config(256, 8, 4, 1)),
+               np.asarray(x, np.float64) @ w, "bfloat16")
+
+
 @pytest.mark.parametrize("m", [1, 16, 64, 300])
 def test_amd_configs(m):
   """The configs the dispatcher picks on MI300 (64-wide wavefronts, AMD tile sizes)."""
@@ -75,6 +108,7 @@ def test_wrong_nibble_order_is_caught():
   qw, s, _, _, w = make_weights(k, n, 128)
   q = unpack_int4(qw, axis=1).reshape(k, n // 8, 8)[:, :, [1, 0, 2, 3, 4, 5, 6, 7]].reshape(k, n)
   x = make_x((4, k))
-  out = run_kernel(x, pack_int4(q, axis=1), s, None, group_size=128, cfg=tuning.KernelConfig(16, 64, 64))
-  with pytest.raises(AssertionError, match="rel"):
-    assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
+  for cfg in (tuning.KernelConfig(16, 64, 64), tuning.gemv_config(256, 8, 4, 1)):
+    out = run_kernel(x, pack_int4(q, axis=1), s, None, group_size=128, cfg=cfg)
+    with pytest.raises(AssertionError, match="rel"):
+      assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")

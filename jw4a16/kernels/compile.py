@@ -15,7 +15,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
-from jw4a16.kernels.w4a16_gemm import w4a16_gemm_kernel
+from jw4a16.kernels import KERNELS
 
 TARGETS = {
     "sm80": GPUTarget("cuda", 80, 32),
@@ -38,8 +38,9 @@ class CompileReport:
 
 
 def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
-                   has_zp: bool = False, num_warps: int = 4, num_stages: int = 3, amd_options: dict | None = None):
-  """Compiles w4a16_gemm_kernel for `target` (a key of TARGETS) with the constexprs jax-triton would pass."""
+                   has_zp: bool = False, num_warps: int = 4, num_stages: int = 3, amd_options: dict | None = None,
+                   kernel: str = "tile"):
+  """Compiles KERNELS[kernel] for `target` (a key of TARGETS) with the constexprs jax-triton would pass."""
   out = "fp32" if meta["SPLIT_K"] > 1 else _TT[dtype]
   sig = {"x_ptr": f"*{_TT[dtype]}", "qweight_ptr": "*i32", "scales_ptr": f"*{_TT[dtype]}", "qzeros_ptr": "*i32",
          "M": "i32", "out_ptr": f"*{out}"}
@@ -47,7 +48,7 @@ def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, 
   sig.update({name: "constexpr" for name in constexprs})
   # jax-triton assumes 16-byte aligned arrays; say so, as it does
   attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5)}
-  src = triton.compiler.ASTSource(fn=w4a16_gemm_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+  src = triton.compiler.ASTSource(fn=KERNELS[kernel], signature=sig, constexprs=constexprs, attrs=attrs)
   options = dict(num_warps=num_warps, num_stages=num_stages)
   if TARGETS[target].backend == "hip" and amd_options:
     options.update({k: v for k, v in amd_options.items() if v})
@@ -89,7 +90,7 @@ def report(target: str, compiled) -> CompileReport:
 def main(argv=None):
   """python -m jw4a16.kernels.compile TARGET < JSON list of jobs: prints one JSON report per job.
 
-  A job is {"meta": {...}, "n", "k", "group_size", "dtype", "has_zp", "num_warps", "num_stages"}.  A separate
+  A job is {"meta": {...}, "n", "k", "group_size", "dtype", "has_zp", "num_warps", "num_stages", "kernel"}.  A separate
   process, because under TRITON_INTERPRET=1 (the CPU test runs) @triton.jit builds interpreter functions that
   triton.compile cannot take.
   """
