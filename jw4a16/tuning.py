@@ -144,8 +144,10 @@ def _split_k(target: Target, tiles: int, k: int, block_k: int, waves: float) -> 
   return split
 
 
-# Up to this M the gemv kernel (one program per row of x) is used where no table entry says otherwise.
-GEMV_MAX_M = {"h100": 1, "h200": 1}
+# Up to this M the gemv kernel (one program per row of x) is used where no table entry says otherwise: on H100
+# it beat the tile kernel at M = 1 and 2 on all six benchmark shapes and lost at M = 4
+# (benchmarks/results/sweep-gemv-h100-2026-11-25.json).
+GEMV_MAX_M = {"h100": 2, "h200": 2}
 
 
 def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:

@@ -32,6 +32,8 @@ def main():
   for k, n in sorted({(k, n) for k, n, _ in best}):
     measured = sorted(m for kk, nn, m in best if (kk, nn) == (k, n))
     for bucket in BUCKETS:
+      if bucket > 2 * max(measured):  # far past what was measured: the heuristic knows better
+        continue
       m = min(measured, key=lambda mm: (abs(mm - bucket), mm))
       cfg = legalize(KernelConfig(**best[(k, n, m)]["config"]), k, a.group)
       if cfg.kernel == "gemv" and bucket > m:  # its cost grows with M: never extrapolate it upwards
