@@ -211,6 +211,7 @@ def main(argv=None):
   p.add_argument("--part", default="all", choices=("all", "main", "extras"),
                  help="main: bf16 group 128 on every shape and M; extras: fp16, group -1 and 32, asymmetric")
   p.add_argument("--name", default=None, help="results file stem (default: the card)")
+  p.add_argument("--ms", default=None, help="comma list of M to restrict to")
   a = p.parse_args(argv)
   if a.plot:
     result = json.loads(pathlib.Path(a.plot).read_text())
@@ -227,6 +228,8 @@ def main(argv=None):
   if a.shapes:
     keep = {tuple(map(int, s.split("x"))) for s in a.shapes.split(",")}
     rows = [r for r in rows if (r[0], r[1]) in keep]
+  if a.ms:
+    rows = [r for r in rows if r[2] in set(map(int, a.ms.split(",")))]
   key = jax.random.key(0)
   out_rows = []
   out = pathlib.Path(a.out)
