@@ -163,7 +163,8 @@ def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
   return legalize(gemv_config(bn, bk, lanes, split, target), k, group_size)
 
 
-def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
+def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H100,
+                     gemv: bool = True) -> KernelConfig:
   """Defaults for shapes the tables lack, read off the H100 sweep (docs/performance.md): the GEMV body with
   split-K for M = 1; 16- and 64-row tiles split along K until about two programs per SM; 64x64x128 tiles from
   M = 128.  On AMD (64-wide wavefronts, 64 KiB LDS) warps count wavefronts and the software pipeline is two deep,
@@ -174,8 +175,12 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
     return dataclasses.replace(heuristic_config(m, k, n, group_size, dataclasses.replace(target, warp_size=32)),
                                num_stages=stages, waves_per_eu=2, matrix_instr_nonkdim=16,
                                **({"block_n": 64, "block_k": 64} if m > 256 else {}))
-  if m <= GEMV_MAX_M.get(target.name, 1):
+  if gemv and m <= GEMV_MAX_M.get(target.name, 1):
     return gemv_heuristic(m, k, n, group_size, target)
+  if m == 1:  # the tile kernel's GEMV body
+    tiles = math.ceil(n / 128)
+    return KernelConfig(1, 128, 64, split_k=_split_k(target, tiles, k, 64, 4.0), num_warps=4, num_stages=stages - 1,
+                        unpack=0)
   if m <= 64:
     bm = 16 if m <= 16 else 64
     tiles = math.ceil(m / bm) * math.ceil(n / 128)
@@ -251,13 +256,25 @@ def fits(cfg: KernelConfig, target: Target, act_bytes: int = 2) -> bool:
   return cfg.shared_memory_bytes(act_bytes) <= target.shared_memory
 
 
+DISABLE_ENV = "JW4A16_DISABLE_KERNELS"
+
+
+def disabled_kernels() -> frozenset[str]:
+  """Kernels named in $JW4A16_DISABLE_KERNELS (comma list, e.g. "gemv"): the dispatcher does not pick them."""
+  names = frozenset(v.strip() for v in os.environ.get(DISABLE_ENV, "").split(",") if v.strip())
+  if names - set(KERNELS) or "tile" in names:
+    raise ValueError(f"${DISABLE_ENV}={os.environ[DISABLE_ENV]!r}: only 'gemv' can be disabled")
+  return names
+
+
 def select_config(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool,
                   target: Target = H100) -> KernelConfig:
   key = table_key(m, k, n, group_size, dtype, has_zp)
+  off = disabled_kernels()
   for table in (user_table(target.name), shipped_table(target.name)):
-    if key in table:
+    if key in table and table[key].kernel not in off:
       return legalize(table[key], k, group_size)
-  return legalize(heuristic_config(m, k, n, group_size, target), k, group_size)
+  return legalize(heuristic_config(m, k, n, group_size, target, gemv="gemv" not in off), k, group_size)
 
 
 def gemv_config(block_n: int, block_k: int, k_lanes: int, split_k: int, target: Target = H100,

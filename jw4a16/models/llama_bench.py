@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from jw4a16 import tuning
 from jw4a16.models.llama import LlamaConfig, LlamaForCausalLM, QuantSpec, init_cache
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
@@ -101,15 +103,28 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=40)
   p.add_argument("--prefill", type=int, default=2048)
   p.add_argument("--out", default=None)
+  p.add_argument("--variants", default="w4a16,bf16",
+                 help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), bf16")
   a = p.parse_args(argv)
   cfg = dataclasses.replace(LLAMA3_8B, num_layers=a.layers)
   out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers}
-  for name, quantized in (("w4a16", True), ("bf16", False)):
-    out[name] = measure(cfg, quantized, (1, 16), a.steps, a.prefill, jax.random.key(0))
+  for name in a.variants.split(","):
+    if name not in ("w4a16", "w4a16-nogemv", "bf16"):
+      raise SystemExit(f"--variants: unknown {name!r}")
+    saved = os.environ.get(tuning.DISABLE_ENV)
+    if name == "w4a16-nogemv":
+      os.environ[tuning.DISABLE_ENV] = "gemv"  # read when the model is traced, inside measure
+    try:
+      out[name] = measure(cfg, name != "bf16", (1, 16), a.steps, a.prefill, jax.random.key(0))
+    finally:
+      if name == "w4a16-nogemv":
+        os.environ.pop(tuning.DISABLE_ENV) if saved is None else os.environ.__setitem__(tuning.DISABLE_ENV, saved)
     print(name, json.dumps(out[name]), flush=True)
-  r = out["w4a16"]["decode_tokens_per_s_b1"] / out["bf16"]["decode_tokens_per_s_b1"]
-  print(f"batch-1 decode: w4a16 {out['w4a16']['decode_tokens_per_s_b1']:.0f} tokens/s, bf16 "
-        f"{out['bf16']['decode_tokens_per_s_b1']:.0f} tokens/s ({r:.2f}x)")
+  for name in out:
+    if name.startswith("w4a16") and "bf16" in out:
+      r = out[name]["decode_tokens_per_s_b1"] / out["bf16"]["decode_tokens_per_s_b1"]
+      print(f"batch-1 decode: {name} {out[name]['decode_tokens_per_s_b1']:.0f} tokens/s, bf16 "
+            f"{out['bf16']['decode_tokens_per_s_b1']:.0f} tokens/s ({r:.2f}x)")
   if a.out:
     with open(a.out, "w") as f:
       json.dump(out, f, indent=1)
