@@ -4,7 +4,8 @@ model in bf16, built in memory (nothing to download), in one run.
   python -m jw4a16.models.llama_bench [--layers 32] [--out docs/llama_bench.json]
 
 Decode tokens/s at batch 1 and 16 (median step time over `--steps` jitted decode steps after warm-up, cache
-preallocated and donated), prefill tokens/s at 2048 tokens (batch 1).  Layers are scanned (one compiled layer).
+preallocated and donated), prefill tokens/s at 2048 tokens (batch 1).  Layers unrolled as `load` builds
+them (--scan: one scanned layer over stacked weights).
 """
 
 from __future__ import annotations
@@ -59,10 +60,25 @@ def random_params(cfg: LlamaConfig, quantized: bool, key):
           "layers": layers}
 
 
-def measure(cfg, quantized, batches, steps, prefill_len, key):
-  quant = QuantSpec(tuple((f"layers.{n}", (128, True, False)) for n in PROJ)) if quantized else QuantSpec()
-  model = LlamaForCausalLM(cfg, quant, scan_layers=True)
+def unstack(params: dict, num_layers: int) -> dict:
+  """Scan params (layers stacked on axis 0) -> one 'layers_i' subtree per layer, as `load` builds them."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+  return out
+
+
+def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False):
+  """scan=False (as `load` builds models): one set of arrays per layer.  scan=True: one compiled layer under
+  lax.scan over stacked arrays, whose per-layer slices XLA copies out before each custom call (the Triton
+  kernel) and each bf16 dot: a copy of every weight per step, so decode is slower that way."""
+  prefixes = ["layers"] if scan else [f"layers_{i}" for i in range(cfg.num_layers)]
+  quant = (QuantSpec(tuple((f"{p}.{n}", (128, True, False)) for p in prefixes for n in PROJ)) if quantized
+           else QuantSpec())
+  model = LlamaForCausalLM(cfg, quant, scan_layers=scan)
   params = random_params(cfg, quantized, key)
+  if not scan:
+    params = jax.block_until_ready(unstack(params, cfg.num_layers))
   step = jax.jit(lambda p, ids, cache, i: model.apply({"params": p}, ids, cache, i), donate_argnums=(2,))
   res = {"weights_GB": sum(a.nbytes for a in jax.tree.leaves(params)) / 1e9}
   for b in batches:
@@ -103,11 +119,12 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=40)
   p.add_argument("--prefill", type=int, default=2048)
   p.add_argument("--out", default=None)
+  p.add_argument("--scan", action="store_true", help="scanned layers over stacked weights (default: unrolled)")
   p.add_argument("--variants", default="w4a16,bf16",
                  help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), bf16")
   a = p.parse_args(argv)
   cfg = dataclasses.replace(LLAMA3_8B, num_layers=a.layers)
-  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers}
+  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers, "scan": a.scan}
   for name in a.variants.split(","):
     if name not in ("w4a16", "w4a16-nogemv", "bf16"):
       raise SystemExit(f"--variants: unknown {name!r}")
@@ -115,7 +132,7 @@ def main(argv=None):
     if name == "w4a16-nogemv":
       os.environ[tuning.DISABLE_ENV] = "gemv"  # read when the model is traced, inside measure
     try:
-      out[name] = measure(cfg, name != "bf16", (1, 16), a.steps, a.prefill, jax.random.key(0))
+      out[name] = measure(cfg, name != "bf16", (1, 16), a.steps, a.prefill, jax.random.key(0), scan=a.scan)
     finally:
       if name == "w4a16-nogemv":
         os.environ.pop(tuning.DISABLE_ENV) if saved is None else os.environ.__setitem__(tuning.DISABLE_ENV, saved)
