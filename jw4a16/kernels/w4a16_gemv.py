@@ -1,22 +1,21 @@
-"""Decode-shaped W4A16 (M <= 8 rows): out[M, N] = x[M, K] @ ((q - z) * s), fp32 FMAs on CUDA cores / VALUs.
+"""Decode-shaped W4A16: out[M, N] = x[M, K] @ ((q - z) * s) for M of 1 or 2, fp32 FMAs on CUDA cores / VALUs.
 
-At a few rows of x the work is streaming weight bytes, and what limits a kernel is how many instructions it
-spends per weight (docs/performance.md: the tensor-core kernel spends about 8, and is issue-bound).  This one
-spends three per weight and row-independent: a shift and one LOP put nibble j of a word into the mantissa of
-an fp32 16.0,
+At one row of x the work is streaming weight bytes, and what limits a kernel is how many instructions it spends
+per weight (docs/performance.md: the tensor-core kernel spends about 7 in its loop, and is issue-bound).  This
+one spends about 4 (sm_90 SASS): a shift and one LOP put nibble j of a word into the mantissa of an fp32 16.0,
 
     float_bits(((word << (19 - 4j)) & 0x00780000) | 0x41800000) = 16 + q_j      (exact: q_j < 16 sets bits 19..22)
 
-and one FMA per row of x accumulates x * (16 + q).  The weights never leave "word planes": plane j holds
-column 8w + j of every packed word w, so no interleave happens per weight; the eight plane accumulators are
-interleaved once, at the store.  Zero point, the +16 and the group scale are applied per K step to the
-[BLOCK_M, BLOCK_N // 8] plane sums (plus one row sum of x):
+and one FMA accumulates x * (16 + q).  The weights never leave "word planes": plane j holds column 8w + j of
+every packed word w, so nothing is interleaved per weight; the eight plane accumulators are interleaved once,
+at the store.  Zero point, the +16 and the group scale are applied per K step to the [K_LANES, BLOCK_N // 8]
+plane sums (plus one running sum of x):
 
-    sum_k x (q - z) s = s * (sum_k x (16 + q) - (16 + z) * sum_k x)        (one group per K step: BLOCK_K | G)
+    sum_k x (q - z) s = s * (sum_k x (16 + q) - (16 + z) * sum_k x)        (one group per lane step: BLOCK_K | G)
 
 Same arguments, layout and split-K contract as w4a16_gemm_kernel (kernels/w4a16_gemm.py): x, qweight,
 scales, qzeros, M, then out; out is [M, N] in x's dtype, or fp32 partials [SPLIT_K, M, N] when SPLIT_K > 1.
-Programs sharing a weight tile (several BLOCK_M row blocks) are adjacent in the launch order.
+Constexprs: N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_N, BLOCK_K, SPLIT_K, K_LANES (tuning.KernelConfig.meta).
 """
 
 import triton

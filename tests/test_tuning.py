@@ -1,0 +1,72 @@
+"""Configs, their validation, the dispatcher's choice order and the on-disk tuning cache (no GPU needed)."""
+
+import dataclasses
+
+import pytest
+
+from jw4a16 import tuning
+
+
+def test_gemv_config_validation():
+  with pytest.raises(ValueError, match="one row of x"):
+    tuning.KernelConfig(2, 512, 8, kernel="gemv")
+  with pytest.raises(ValueError, match="k_lanes=4 .* only for kernel 'gemv'"):
+    tuning.KernelConfig(16, 64, 64, k_lanes=4)
+  with pytest.raises(ValueError, match="k_lanes=3"):
+    tuning.KernelConfig(1, 512, 8, kernel="gemv", k_lanes=3)
+  with pytest.raises(ValueError, match="kernel='dot'"):
+    tuning.KernelConfig(16, 64, 64, kernel="dot")
+  with pytest.raises(ValueError, match="smaller than one warp"):
+    tuning.gemv_config(256, 8, 2, 1)  # 2 lanes x 32 words = 64 threads at 4 words: half a warp
+
+
+@pytest.mark.parametrize("target", [tuning.H100, tuning.MI300X], ids=lambda t: t.name)
+def test_gemv_config_warps_cover_the_tile(target):
+  """num_warps = k_lanes * block_n / (32 * warp size): every thread loads 4 distinct words."""
+  cfg = tuning.gemv_config(1024, 8, 4, 2, target)
+  assert cfg.num_warps * target.warp_size * 4 == cfg.k_lanes * cfg.block_n // 8
+  assert cfg.meta() == dict(BLOCK_N=1024, BLOCK_K=8, SPLIT_K=2, K_LANES=4)
+  assert cfg.grid(3, 2500) == (3 * 3, 2)  # one program per row of x and tile
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_gemv_candidates_are_legal(m):
+  k, n, g = 4096, 6144, 64
+  cands = tuning.gemv_candidates(m, k, n, g)
+  assert cands
+  for c in cands:
+    assert c.kernel == "gemv" and 1 <= c.num_warps <= 8
+    assert g % c.block_k == 0 and k // c.split_k >= c.block_k * c.k_lanes
+    assert tuning.H100.num_sms <= c.grid(m, n)[0] * c.split_k <= 8 * tuning.H100.num_sms
+
+
+def test_heuristics_pick_gemv_for_decode():
+  assert tuning.heuristic_config(1, 4096, 4096, 128, tuning.H100).kernel == "gemv"
+  assert tuning.heuristic_config(2, 4096, 4096, 128, tuning.H100).kernel == "gemv"  # GEMV_MAX_M on H100
+  assert tuning.heuristic_config(4, 4096, 4096, 128, tuning.H100).kernel == "tile"
+  amd = tuning.heuristic_config(1, 4096, 4096, 128, tuning.MI300X)
+  assert amd.kernel == "gemv" and amd.num_warps * 64 * 4 == amd.k_lanes * amd.block_n // 8
+  assert tuning.heuristic_config(2, 4096, 4096, 128, tuning.MI300X).kernel == "tile"  # not measured there
+
+
+def test_disabled_kernels(monkeypatch):
+  monkeypatch.setenv(tuning.DISABLE_ENV, "gemv")
+  for m in (1, 2):
+    for k, n in ((4096, 6144), (1024, 3072)):  # in the shipped table, and not
+      assert tuning.select_config(m, k, n, 128, "bfloat16", False).kernel == "tile"
+  monkeypatch.setenv(tuning.DISABLE_ENV, "tile")
+  with pytest.raises(ValueError, match="only 'gemv' can be disabled"):
+    tuning.select_config(1, 4096, 6144, 128, "bfloat16", False)
+
+
+def test_select_order_user_cache_then_shipped_then_heuristic(tmp_path, monkeypatch):
+  monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
+  k, n = 4096, 6144
+  shipped = tuning.select_config(1, k, n, 128, "bfloat16", False)
+  assert shipped == tuning.shipped_table("h100")[tuning.table_key(1, k, n, 128, "bfloat16", False)]
+  mine = dataclasses.replace(shipped, split_k=2)
+  path = tuning.record_tuned("h100", {tuning.table_key(1, k, n, 128, "bfloat16", False): mine})
+  assert path.parent == tmp_path and not list(tmp_path.glob("*.tmp"))
+  assert tuning.select_config(1, k, n, 128, "bfloat16", False) == mine  # a new process would read it too
+  assert tuning.select_config(1, 512, 512, 128, "bfloat16", False) == tuning.legalize(
+      tuning.heuristic_config(1, 512, 512, 128), 512, 128)
