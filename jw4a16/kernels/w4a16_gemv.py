@@ -93,6 +93,7 @@ def w4a16_gemv_kernel(
   w_cols = qweight_ptr + offs_w[None, :]
   scale_cols = scales_ptr + offs_w[None, :] * 8  # + g * N + J: column 8w + J
 
+  # Eight plane accumulators written out: loop-carried values must be tensors, not Python lists of them.
   acc0 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
   acc1 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
   acc2 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
