@@ -17,19 +17,19 @@ import os
 import pathlib
 import tempfile
 
-KERNELS = ("tile", "gemv")
+KERNEL_NAMES = ("tile", "gemv")  # the keys of jw4a16.kernels.KERNELS (imported lazily: it needs triton)
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 CACHE_ENV = "JW4A16_CACHE_DIR"
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Tile shape and launch parameters of w4a16_gemm_kernel.
+  """Which kernel, its tile shape and launch parameters.
 
   kernel "tile" is w4a16_gemm_kernel (tl.dot on tensor cores for block_m >= 16; block_m == 1 is its older GEMV
   body); kernel "gemv" is w4a16_gemv_kernel (one row of x per program, fp32 FMAs over word planes, block_m 1,
-  the program's K range cut into k_lanes interleaved lanes of block_k rows).
-  split_k > 1 writes fp32 partials that are summed afterwards.  num_warps counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
+  the program's K range cut into k_lanes interleaved lanes of block_k rows).  split_k > 1 writes fp32 partials
+  that are summed afterwards.  num_warps counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
   """
 
   block_m: int
@@ -50,8 +50,8 @@ class KernelConfig:
   k_lanes: int = 1  # gemv only
 
   def __post_init__(self):
-    if self.kernel not in KERNELS:
-      raise ValueError(f"KernelConfig.kernel={self.kernel!r} must be one of {KERNELS}")
+    if self.kernel not in KERNEL_NAMES:
+      raise ValueError(f"KernelConfig.kernel={self.kernel!r} must be one of {KERNEL_NAMES}")
     for f in ("block_m", "block_n", "block_k"):
       v = getattr(self, f)
       if v < 1 or v & (v - 1):
@@ -153,21 +153,20 @@ GEMV_MAX_M = {"h100": 2, "h200": 2}
 def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
   """512-column tiles of 4 lanes x 8 rows per step (2 warps on NVIDIA, 1 wavefront on AMD), split along K
   until about 4 programs per SM."""
+  del group_size  # select_config legalizes block_k against it
   bn, bk, lanes = 512, 8, 4
-  if lanes * bn // (32 * target.warp_size) < 1:
-    lanes = 32 * target.warp_size // bn
   tiles = m * math.ceil(n / bn)
   split = 1
   while tiles * split < 4 * target.num_sms and k // (split * 2) >= 2 * bk * lanes:
     split *= 2
-  return legalize(gemv_config(bn, bk, lanes, split, target), k, group_size)
+  return gemv_config(bn, bk, lanes, split, target)
 
 
 def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H100,
                      gemv: bool = True) -> KernelConfig:
-  """Defaults for shapes the tables lack, read off the H100 sweep (docs/performance.md): the GEMV body with
-  split-K for M = 1; 16- and 64-row tiles split along K until about two programs per SM; 64x64x128 tiles from
-  M = 128.  On AMD (64-wide wavefronts, 64 KiB LDS) warps count wavefronts and the software pipeline is two deep,
+  """Defaults for shapes the tables lack, read off the H100 sweeps (docs/performance.md): the gemv kernel up to
+  GEMV_MAX_M (the tile kernel's GEMV body at M = 1 when gemv=False); 16- and 64-row tiles split along K until
+  about two programs per SM; 64x64x128 tiles from M = 128.  On AMD (64-wide wavefronts, 64 KiB LDS) warps count wavefronts and the software pipeline is two deep,
   as AMD's Triton tutorials tune it; these are reasoned, not measured (we have no MI300)."""
   amd = target.warp_size == 64
   stages = 2 if amd else 4
@@ -262,7 +261,7 @@ DISABLE_ENV = "JW4A16_DISABLE_KERNELS"
 def disabled_kernels() -> frozenset[str]:
   """Kernels named in $JW4A16_DISABLE_KERNELS (comma list, e.g. "gemv"): the dispatcher does not pick them."""
   names = frozenset(v.strip() for v in os.environ.get(DISABLE_ENV, "").split(",") if v.strip())
-  if names - set(KERNELS) or "tile" in names:
+  if names - {"gemv"}:
     raise ValueError(f"${DISABLE_ENV}={os.environ[DISABLE_ENV]!r}: only 'gemv' can be disabled")
   return names
 
@@ -296,11 +295,10 @@ def gemv_candidates(m: int, k: int, n: int, group_size: int, target: Target = H1
     warps = lanes * bn // (32 * target.warp_size)
     if not 1 <= warps <= 8:
       continue
+    tiles = m * math.ceil(n / bn)
     for bk in (4, 8, 16):
-      tiles = m * math.ceil(n / bn)
       for split in (1, 2, 4, 8, 16, 32, 64):
-        step = bk * lanes
-        if k // split < step or not target.num_sms <= tiles * split <= 8 * target.num_sms:
+        if k // split < bk * lanes or not target.num_sms <= tiles * split <= 8 * target.num_sms:
           continue
         out.append(gemv_config(bn, bk, lanes, split, target))
   return [legalize(c, k, group_size) for c in out]

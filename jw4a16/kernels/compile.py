@@ -90,8 +90,8 @@ def report(target: str, compiled) -> CompileReport:
 def main(argv=None):
   """python -m jw4a16.kernels.compile TARGET < JSON list of jobs: prints one JSON report per job.
 
-  A job is {"meta": {...}, "n", "k", "group_size", "dtype", "has_zp", "num_warps", "num_stages", "kernel"}.  A separate
-  process, because under TRITON_INTERPRET=1 (the CPU test runs) @triton.jit builds interpreter functions that
+  A job is {"meta": {...}, "n", "k", "group_size", "dtype", "has_zp", "num_warps", "num_stages", "kernel"}.
+  A separate process, because under TRITON_INTERPRET=1 (the CPU test runs) @triton.jit builds interpreter functions that
   triton.compile cannot take.
   """
   import json  # noqa: PLC0415

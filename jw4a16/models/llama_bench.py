@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -128,14 +129,9 @@ def main(argv=None):
   for name in a.variants.split(","):
     if name not in ("w4a16", "w4a16-nogemv", "bf16"):
       raise SystemExit(f"--variants: unknown {name!r}")
-    saved = os.environ.get(tuning.DISABLE_ENV)
-    if name == "w4a16-nogemv":
-      os.environ[tuning.DISABLE_ENV] = "gemv"  # read when the model is traced, inside measure
-    try:
+    # the dispatcher reads the variable when the model is traced, inside measure
+    with mock.patch.dict(os.environ, {tuning.DISABLE_ENV: "gemv"} if name == "w4a16-nogemv" else {}):
       out[name] = measure(cfg, name != "bf16", (1, 16), a.steps, a.prefill, jax.random.key(0), scan=a.scan)
-    finally:
-      if name == "w4a16-nogemv":
-        os.environ.pop(tuning.DISABLE_ENV) if saved is None else os.environ.__setitem__(tuning.DISABLE_ENV, saved)
     print(name, json.dumps(out[name]), flush=True)
   for name in out:
     if name.startswith("w4a16") and "bf16" in out:
