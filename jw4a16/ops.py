@@ -72,17 +72,15 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
   if config is not None:
     tuning.check_config(config, k, group_size)
   cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, target)
-  if cfg.split_k > 1:
-    out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32)
-  else:
-    out_shape = jax.ShapeDtypeStruct((m, n), x2d.dtype)
-  out = jt.triton_call(
+  partials, locks = cfg.scratch_shapes(m, n)
+  out, _, _ = jt.triton_call(
       x2d, qweight, scales, scales if qzeros is None else qzeros, m,
-      kernel=KERNELS[cfg.kernel], out_shape=out_shape, grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
+      kernel=KERNELS[cfg.kernel], grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
+      out_shape=(jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32),
+                 jax.ShapeDtypeStruct(locks, jnp.int32)),
+      zeroed_outputs=(2,) if cfg.split_k > 1 else (),
       num_warps=cfg.num_warps, num_stages=cfg.num_stages,
       N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta())
-  if cfg.split_k > 1:
-    out = out.sum(axis=0).astype(x2d.dtype)
   return out
 
 

@@ -28,8 +28,9 @@ class KernelConfig:
 
   kernel "tile" is w4a16_gemm_kernel (tl.dot on tensor cores for block_m >= 16; block_m == 1 is its older GEMV
   body); kernel "gemv" is w4a16_gemv_kernel (one row of x per program, fp32 FMAs over word planes, block_m 1,
-  the program's K range cut into k_lanes interleaved lanes of block_k rows).  split_k > 1 writes fp32 partials
-  that are summed afterwards.  num_warps counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
+  the program's K range cut into k_lanes interleaved lanes of block_k rows).  split_k > 1 splits K over that
+  many programs per tile, whose fp32 partials the last one to finish sums (kernels/splitk.py).  num_warps
+  counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
   """
 
   block_m: int
@@ -83,6 +84,13 @@ class KernelConfig:
     if self.kernel == "gemv":
       return (m * math.ceil(n / self.block_n), self.split_k)
     return (math.ceil(m / self.block_m) * math.ceil(n / self.block_n), self.split_k)
+
+  def scratch_shapes(self, m: int, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the kernel's two scratch outputs: the fp32 partials [split_k, M, N] and the int32 arrival
+    counters (one per program along grid axis 0, zeroed before each launch); one element each without split-K."""
+    if self.split_k == 1:
+      return (1,), (1,)
+    return (self.split_k, m, n), (self.grid(m, n)[0],)
 
   def shared_memory_bytes(self, act_bytes: int = 2) -> int:
     """Upper estimate of the pipelined tiles: x [BM, BK] and words [BK, BN // 8] per stage, plus the

@@ -3,8 +3,8 @@
 Developer tool for building jw4a16/configs/<gpu>.json; needs a CUDA/ROCm torch.  Times CUDA-graph
 replays (triton.testing.do_bench_cudagraph: Triton's Python launcher costs ~20 us a launch, more than the kernel
 at small M), each replay running the op over R weight copies that together exceed twice the 50 MB L2, so the
-weights come from HBM as in a model; the time per op is the replay time / R), the split-K reduction included, and checks every config
-against a dequantize-then-matmul reference first.
+weights come from HBM as in a model; the time per op is the replay time / R), the zeroing of the split-K
+counters included, and checks every config against a dequantize-then-matmul reference first.
 
   python scripts/sweep.py --shapes 4096x6144,4096x28672 --ms 1,16,64 --out sweep.json
 """
@@ -43,12 +43,15 @@ def dequant(qw, s, qz, g):
 def launch(cfg, x, qw, s, qz, g):
   m, k = x.shape
   n = s.shape[1]
-  out = torch.empty((cfg.split_k, m, n) if cfg.split_k > 1 else (m, n),
-                    dtype=torch.float32 if cfg.split_k > 1 else x.dtype, device=x.device)
-  KERNELS[cfg.kernel][cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, N=n, K=k, GROUP_SIZE=g,
+  out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+  partials, locks = cfg.scratch_shapes(m, n)
+  partials = torch.empty(partials, dtype=torch.float32, device=x.device)
+  locks = torch.zeros(locks, dtype=torch.int32, device=x.device)
+  KERNELS[cfg.kernel][cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, partials, locks, N=n, K=k,
+                                      GROUP_SIZE=g,
                                       HAS_ZP=qz is not None, ZP_BIAS=8, num_warps=cfg.num_warps,
                                       num_stages=cfg.num_stages, **cfg.meta())
-  return out.sum(0).to(x.dtype) if cfg.split_k > 1 else out
+  return out
 
 
 def main():

@@ -50,7 +50,7 @@ def _torch(a):
 
 
 def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConfig, zp_bias=8, g_idx=None):
-  """Mirrors ops._launch (act-order sort, split-K reduction) with CPU torch tensors; returns float32 numpy."""
+  """Mirrors ops._launch (act-order sort, split-K scratch) with CPU torch tensors; returns float32 numpy."""
   patch_interpreter()
   x = np.asarray(x)
   qweight = np.asarray(qweight)
@@ -63,13 +63,16 @@ def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConf
   m, n = x2.shape[0], np.asarray(scales).shape[1]
   cfg = tuning.legalize(cfg, k, g)
   dtype = torch.bfloat16 if x.dtype == ml_dtypes.bfloat16 else torch.float16
-  out = torch.empty((cfg.split_k, m, n) if cfg.split_k > 1 else (m, n),
-                    dtype=torch.float32 if cfg.split_k > 1 else dtype)
+  out = torch.full((m, n), float("nan"), dtype=dtype)  # an element the kernel leaves unwritten fails the test
+  partials, locks = cfg.scratch_shapes(m, n)
+  partials = torch.full(partials, float("nan"))  # garbage, as on the GPU: every slot read must be written first
+  locks = torch.zeros(locks, dtype=torch.int32)
   s = _torch(scales)
   KERNELS[cfg.kernel][cfg.grid(m, n)](
-      _torch(x2), _torch(qweight), s, s if qzeros is None else _torch(qzeros), m, out,
+      _torch(x2), _torch(qweight), s, s if qzeros is None else _torch(qzeros), m, out, partials, locks,
       N=n, K=k, GROUP_SIZE=g, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, num_warps=cfg.num_warps, **cfg.meta())
-  out = out.sum(0).to(dtype) if cfg.split_k > 1 else out
+  if cfg.split_k > 1:  # every program of every tile took exactly one ticket
+    assert (locks == cfg.split_k).all(), locks
   return out.float().numpy().reshape(*x.shape[:-1], n)
 
 

@@ -90,6 +90,25 @@ def test_gemv_configs(cfg, dtype, symmetric, kng):
   assert_close(out, np.asarray(x, np.float64) @ w, dtype)
 
 
+SPLIT_CONFIGS = [tuning.gemv_config(512, 8, 4, 32), tuning.gemv_config(512, 4, 2, 7),
+                 tuning.KernelConfig(16, 128, 64, split_k=32), tuning.KernelConfig(64, 64, 128, split_k=5)]
+
+
+@pytest.mark.parametrize("cfg", SPLIT_CONFIGS, ids=str)
+def test_split_k_epilogue_is_exact_and_deterministic(cfg):
+  """The last program of each tile sums every slot in slot order: 30 launches over many tiles (each a race
+  between the programs of a tile) give bitwise the same output, and it is right.  A program that read a slot
+  before its writer finished would make the runs differ (the workspace is not cleared between launches)."""
+  k, n = 8192, 4096
+  qw, s, _, _, w = make_weights(k, n, 128)
+  x = make_x((2 if cfg.kernel == "gemv" else 40, k))
+  f = jax.jit(lambda x, qw: [jw4a16.w4a16_matmul(x, qw, s, group_size=128, config=cfg, backend="triton")
+                             for _ in range(3)])
+  outs = [np.asarray(o).view(np.uint16) for _ in range(10) for o in f(x, qw)]
+  assert all((o == outs[0]).all() for o in outs)
+  assert_close(outs[0].view(jnp.bfloat16), np.asarray(x, np.float64) @ w, "bfloat16")
+
+
 @pytest.mark.parametrize("name", ["jw4a16/assets/tiny-llama-w4a16", "tests/fixtures/llama-w4a16-asym"])
 def test_llama_logits_on_gpu(name):
   """The real checkpoint through the Triton path: logits against transformers' (bf16 tolerance)."""

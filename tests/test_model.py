@@ -58,3 +58,38 @@ def test_no_recompile_per_token(loaded):
   before = m._step._cache_size()  # noqa: SLF001
   m.generate(np.array([fx["input_ids"]], np.int32), 20)
   assert m._step._cache_size() == before  # noqa: SLF001
+
+
+def test_fused_projections_match_separate(loaded):
+  """load() fuses q/k/v and gate/up where the checkpoint allows (not act-order int4); the logits are those of
+  the separate projections, and the KV cache written in place is the same."""
+  m, fx, _ = loaded
+  sep = llama.load(m.path, progress=False, fuse=False)
+  act_order = any(spec[2] for _, spec in sep.quant.layers)
+  assert m.cfg.fuse_qkv == m.cfg.fuse_gate_up == (not act_order)
+  assert ("qkv_proj" in m.params["layers_0"]["self_attn"]) == m.cfg.fuse_qkv
+  assert not sep.cfg.fuse_qkv and "q_proj" in sep.params["layers_0"]["self_attn"]
+  ids = np.array([fx["input_ids"]], np.int32)
+  np.testing.assert_allclose(np.asarray(m(ids)), np.asarray(sep(ids)), rtol=0, atol=1e-5)
+  cache = llama.init_cache(m.cfg, 1, 32)
+  _, c1 = m.module.apply({"params": m.params}, ids, cache, 0)
+  _, c2 = sep.module.apply({"params": sep.params}, ids, llama.init_cache(sep.cfg, 1, 32), 0)
+  np.testing.assert_array_equal(np.asarray(c1), np.asarray(c2))
+  t = ids.shape[1]
+  assert np.abs(np.asarray(c1)[:, :, :, :t]).max() > 0 and not np.asarray(c1)[:, :, :, t:].any()
+
+
+def test_fuse_projections_leaves_mixed_groups_alone():
+  cfg = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                          num_kv_heads=1, head_dim=8)
+  dense = lambda k, n: {"kernel": np.zeros((k, n), np.float32)}  # noqa: E731
+  layer = {"self_attn": {"q_proj": dense(16, 16), "k_proj": dense(16, 8), "v_proj": dense(16, 8),
+                         "o_proj": dense(16, 16)},
+           "mlp": {"gate_proj": dense(16, 32), "up_proj": dense(16, 32), "down_proj": dense(32, 16)}}
+  params = {"layers_0": layer, "layers_1": layer}
+  # layer 1's up_proj int4: gate/up can't be one matmul anywhere; q/k/v still can
+  quant = llama.QuantSpec((("layers_1.mlp.up_proj", (128, True, False)),))
+  out, q, c = llama.fuse_projections(params, quant, cfg)
+  assert c.fuse_qkv and not c.fuse_gate_up
+  assert out["layers_1"]["self_attn"]["qkv_proj"]["kernel"].shape == (16, 32)
+  assert set(out["layers_1"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"} and q == quant

@@ -70,3 +70,11 @@ def test_select_order_user_cache_then_shipped_then_heuristic(tmp_path, monkeypat
   assert tuning.select_config(1, k, n, 128, "bfloat16", False) == mine  # a new process would read it too
   assert tuning.select_config(1, 512, 512, 128, "bfloat16", False) == tuning.legalize(
       tuning.heuristic_config(1, 512, 512, 128), 512, 128)
+
+
+def test_scratch_shapes_follow_split_k_and_grid():
+  tile = tuning.KernelConfig(16, 128, 64, split_k=4)
+  assert tile.scratch_shapes(40, 1000) == ((4, 40, 1000), (3 * 8,))  # 3 row blocks x 8 column blocks
+  gemv = tuning.gemv_config(512, 8, 4, 8, tuning.H100)
+  assert gemv.scratch_shapes(2, 6144) == ((8, 2, 6144), (2 * 12,))
+  assert tuning.KernelConfig(16, 128, 64).scratch_shapes(40, 1000) == ((1,), (1,))

@@ -13,10 +13,10 @@ No int-to-float converts, no per-weight float arithmetic.
 
 One kernel serves every M: tl.dot on tensor cores for BLOCK_M >= 16 and a GEMV body for BLOCK_M == 1 (fp32
 FMAs); each optionally split along K
-(SPLIT_K > 1) so small-M problems still put every SM to work streaming weights.  Split-K writes fp32 partials
-[SPLIT_K, M, N] that the caller sums (one XLA reduce fusion): no atomics, which are slow on AMD.
+(SPLIT_K > 1) so small-M problems still put every SM to work streaming weights.  Split-K partials are summed in
+the same launch by the last program of each tile to finish (kernels/splitk.py).
 
-Argument order follows jax-triton: the input arrays, the scalar M, then the output.  Every shape except M is a
+Argument order follows jax-triton: the input arrays, the scalar M, then the outputs.  Every shape except M is a
 constexpr, because jax-triton gives integer scalars no divisibility specialization (see shared/NOTES.md).
 
 Layout (GPTQ sequential, packed along N):
@@ -24,11 +24,16 @@ Layout (GPTQ sequential, packed along N):
   qweight [K, N // 8]   int32; word (k, j) holds columns 8j .. 8j+7, column 8j+i in bits 4i .. 4i+3
   scales  [K // G, N]   x's dtype
   qzeros  [K // G, N // 8] int32 packed like qweight (read only when HAS_ZP)
-  out     [M, N] x's dtype when SPLIT_K == 1, else [SPLIT_K, M, N] float32 partial sums
+  out      [M, N]        x's dtype
+  partials [SPLIT_K, M, N] float32 workspace, and
+  locks    [programs along grid axis 0] int32 arrival counters, zeroed before the launch (both read only when
+           SPLIT_K > 1; one element each otherwise)
 """
 
 import triton
 import triton.language as tl
+
+from jw4a16.kernels.splitk import store_tile
 
 
 @triton.jit
@@ -85,6 +90,8 @@ def w4a16_gemm_kernel(
     qzeros_ptr,
     M,
     out_ptr,
+    partial_ptr,
+    lock_ptr,
     N: tl.constexpr,
     K: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
@@ -158,9 +165,6 @@ def w4a16_gemm_kernel(
       xsum = tl.sum(x.to(tl.float32), axis=1, keep_dims=True)
     acc += (part - z * xsum) * s
 
-  if SPLIT_K == 1:
-    out_rows = out_ptr + offs_m.to(tl.int64)[:, None] * N
-  else:
-    out_rows = out_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N
-  out = acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-  tl.store(out_rows + offs_n[None, :], out, mask=mask_m[:, None] & mask_n[None, :])
+  mask = mask_m[:, None] & mask_n[None, :]
+  offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+  store_tile(acc, out_ptr + offs, partial_ptr + offs, mask, M, N, lock_ptr, pid, pid_k, SPLIT_K, 1)

@@ -13,13 +13,15 @@ plane sums (plus one running sum of x):
 
     sum_k x (q - z) s = s * (sum_k x (16 + q) - (16 + z) * sum_k x)        (one group per lane step: BLOCK_K | G)
 
-Same arguments, layout and split-K contract as w4a16_gemm_kernel (kernels/w4a16_gemm.py): x, qweight,
-scales, qzeros, M, then out; out is [M, N] in x's dtype, or fp32 partials [SPLIT_K, M, N] when SPLIT_K > 1.
+Same arguments, layout and split-K epilogue as w4a16_gemm_kernel (kernels/w4a16_gemm.py): x, qweight,
+scales, qzeros, M, then out [M, N] in x's dtype, the fp32 partials workspace and the arrival counters.
 Constexprs: N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_N, BLOCK_K, SPLIT_K, K_LANES (tuning.KernelConfig.meta).
 """
 
 import triton
 import triton.language as tl
+
+from jw4a16.kernels.splitk import store_tile
 
 
 @triton.jit
@@ -57,6 +59,8 @@ def w4a16_gemv_kernel(
     qzeros_ptr,
     M,
     out_ptr,
+    partial_ptr,
+    lock_ptr,
     N: tl.constexpr,
     K: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
@@ -153,6 +157,5 @@ def w4a16_gemv_kernel(
                 tl.join(tl.sum(acc3, axis=0), tl.sum(acc7, axis=0)))
   acc = tl.reshape(tl.join(even, odd), (BLOCK_N,))
   offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-  out_row = out_ptr + (pid_k * M + row).to(tl.int64) * N  # SPLIT_K == 1: pid_k == 0, out is [M, N]
-  out = acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-  tl.store(out_row + offs_n, out, mask=offs_n < N)
+  offs = row.to(tl.int64) * N + offs_n
+  store_tile(acc, out_ptr + offs, partial_ptr + offs, offs_n < N, M, N, lock_ptr, pid, pid_k, SPLIT_K, 8)

@@ -45,6 +45,10 @@ class LlamaConfig:
   attention_bias: bool = False  # Qwen2: q/k/v biases
   mlp_bias: bool = False
   dtype: str = "bfloat16"
+  # One matmul for q, k and v ([q | k | v] along N, params 'qkv_proj') and one for gate and up ('gate_up_proj'):
+  # fewer, wider launches.  `fuse_projections` turns a checkpoint's separate params into these.
+  fuse_qkv: bool = False
+  fuse_gate_up: bool = False
 
   @classmethod
   def from_hf(cls, c: dict) -> LlamaConfig:
@@ -116,8 +120,10 @@ class RMSNorm(nn.Module):
 
 # Megatron-style split of each block over the tensor-parallel axis: q/k/v and gate/up split their outputs
 # (heads, intermediate), o/down their inputs, so a block needs one psum after o_proj and one after down_proj.
+# Fused projections split their (concatenated) outputs too: correct under shard_map, as each device computes its
+# own contiguous columns of [q | k | v], and the split after the matmul works on the global array.
 PARALLEL = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "gate_proj": "column", "up_proj": "column",
-            "o_proj": "row", "down_proj": "row"}
+            "qkv_proj": "column", "gate_up_proj": "column", "o_proj": "row", "down_proj": "row"}
 
 
 def projection(quant: QuantSpec, path: str, features: int, bias: bool, dtype, name: str, tp: str | None = None):
@@ -131,9 +137,13 @@ def projection(quant: QuantSpec, path: str, features: int, bias: bool, dtype, na
 
 
 class Attention(nn.Module):
+  """cache: the whole [L, 2, B, S, KVH, D] cache, of which this is layer `layer` (unrolled layers: written in
+  place, so a donated cache is never copied), or with layer None this layer's [2, B, S, KVH, D] (scan)."""
+
   cfg: LlamaConfig
   quant: QuantSpec
   prefix: str
+  layer: int | None = None
 
   @nn.compact
   def __call__(self, x, cos, sin, cache, index):
@@ -142,13 +152,18 @@ class Attention(nn.Module):
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     p = lambda n, f, bias: projection(self.quant, f"{self.prefix}.{n}", f, bias, dt, n,  # noqa: E731
                                       cfg.tensor_parallel)
-    q = p("q_proj", h * d, cfg.attention_bias)(x).reshape(b, t, h, d)
-    k = p("k_proj", kvh * d, cfg.attention_bias)(x).reshape(b, t, kvh, d)
-    v = p("v_proj", kvh * d, cfg.attention_bias)(x).reshape(b, t, kvh, d)
+    if cfg.fuse_qkv:
+      q, k, v = jnp.split(p("qkv_proj", (h + 2 * kvh) * d, cfg.attention_bias)(x), [h * d, (h + kvh) * d], axis=-1)
+    else:
+      q, k, v = (p(n, f * d, cfg.attention_bias)(x) for n, f in (("q_proj", h), ("k_proj", kvh), ("v_proj", kvh)))
+    q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache.dtype), (0, index, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache.dtype), (0, index, 0, 0))
+    layer = 0 if self.layer is None else self.layer
+    full = cache[None] if self.layer is None else cache
+    kv = jnp.stack([k, v])[None].astype(full.dtype)
+    full = jax.lax.dynamic_update_slice(full, kv, (layer, 0, 0, index, 0, 0))
+    k_cache, v_cache = full[layer, 0], full[layer, 1]
     s = k_cache.shape[1]
     qg = q.reshape(b, t, kvh, h // kvh, d)
     scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k_cache, preferred_element_type=jnp.float32).astype(dt)
@@ -159,7 +174,7 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_cache, preferred_element_type=jnp.float32).astype(dt)
     out = p("o_proj", cfg.hidden_size, False)(out.reshape(b, t, h * d))
-    return out, jnp.stack([k_cache, v_cache])
+    return out, full[0] if self.layer is None else full
 
 
 class MLP(nn.Module):
@@ -172,18 +187,22 @@ class MLP(nn.Module):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     p = lambda n, f: projection(self.quant, f"{self.prefix}.{n}", f, cfg.mlp_bias, dt, n,  # noqa: E731
                                 cfg.tensor_parallel)
-    return p("down_proj", cfg.hidden_size)(nn.silu(p("gate_proj", cfg.intermediate_size)(x)) *
-                                           p("up_proj", cfg.intermediate_size)(x))
+    if cfg.fuse_gate_up:
+      gate, up = jnp.split(p("gate_up_proj", 2 * cfg.intermediate_size)(x), 2, axis=-1)
+    else:
+      gate, up = p("gate_proj", cfg.intermediate_size)(x), p("up_proj", cfg.intermediate_size)(x)
+    return p("down_proj", cfg.hidden_size)(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
   cfg: LlamaConfig
   quant: QuantSpec
   prefix: str
+  layer: int | None = None  # see Attention
 
   @nn.compact
   def __call__(self, x, cos, sin, cache, index):
-    a, cache = Attention(self.cfg, self.quant, f"{self.prefix}.self_attn", name="self_attn")(
+    a, cache = Attention(self.cfg, self.quant, f"{self.prefix}.self_attn", self.layer, name="self_attn")(
         RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), cos, sin, cache, index)
     x = x + a
     x = x + MLP(self.cfg, self.quant, f"{self.prefix}.mlp", name="mlp")(
@@ -217,11 +236,9 @@ class LlamaForCausalLM(nn.Module):
                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers)
       x, new_cache = blocks(cfg, self.quant, "layers", name="layers")(x, cos, sin, cache, index)
     else:
-      new_cache = []
+      new_cache = cache
       for i in range(cfg.num_layers):
-        x, c = Block(cfg, self.quant, f"layers_{i}", name=f"layers_{i}")(x, cos, sin, cache[i], index)
-        new_cache.append(c)
-      new_cache = jnp.stack(new_cache)
+        x, new_cache = Block(cfg, self.quant, f"layers_{i}", i, name=f"layers_{i}")(x, cos, sin, new_cache, index)
     x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
@@ -269,6 +286,50 @@ def hf_to_flax(params: dict, cfg: LlamaConfig) -> tuple[dict, QuantSpec]:
   if not cfg.tie_word_embeddings:
     flax["lm_head"] = proj(params, "lm_head", "lm_head")
   return flax, QuantSpec(tuple(quant))
+
+
+FUSIONS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj", "fuse_qkv"),
+           ("mlp", ("gate_proj", "up_proj"), "gate_up_proj", "fuse_gate_up"))
+
+
+def fuse_projections(params: dict, quant: QuantSpec, cfg: LlamaConfig) -> tuple[dict, QuantSpec, LlamaConfig]:
+  """q/k/v -> qkv_proj and gate/up -> gate_up_proj, their params concatenated along N, in every layer.
+
+  A group is fused only where every layer allows it: all of its projections int4 with one group size and
+  symmetry and no act-order (each act-order projection has its own row order), or all float, with the same
+  params (bias or none).  Returns (params, quant, cfg) to build the model with; what can't be fused stays as it
+  came.  Works on unrolled ('layers_<i>') and stacked ('layers', scan) trees alike: the concatenation is along the
+  last axis.
+  """
+  prefixes = [k for k in params if k == "layers" or k.startswith("layers_")]
+  specs, new_params = dict(quant.layers), dict(params)
+  fused = {}
+  for group, names, target, flag in FUSIONS:
+    def spec_of(pre, n, group=group):
+      return specs.get(f"{pre}.{group}.{n}")
+
+    def fusable(pre, names=names, group=group, spec_of=spec_of):
+      node = params[pre][group]
+      if not all(n in node for n in names) or len({tuple(sorted(node[n])) for n in names}) != 1:
+        return False
+      got = {spec_of(pre, n) for n in names}
+      return len(got) == 1 and (None in got or not next(iter(got))[2])
+
+    if not prefixes or not all(fusable(pre) for pre in prefixes):
+      continue
+    fused[flag] = True
+    for pre in prefixes:
+      node = dict(new_params[pre][group])
+      parts = [node.pop(n) for n in names]
+      cat = np.concatenate if all(isinstance(a, np.ndarray) for p in parts for a in p.values()) else jnp.concatenate
+      node[target] = {key: cat([p[key] for p in parts], axis=-1) for key in parts[0]}
+      new_params[pre] = {**new_params[pre], group: node}
+      spec = spec_of(pre, names[0])
+      for n in names:
+        specs.pop(f"{pre}.{group}.{n}", None)
+      if spec is not None:
+        specs[f"{pre}.{group}.{target}"] = spec
+  return new_params, QuantSpec(tuple(sorted(specs.items()))), dataclasses.replace(cfg, **fused)
 
 
 def sample(logits, key, temperature: float, top_k: int | None, top_p: float | None):
@@ -324,7 +385,7 @@ class LlamaModel:
     key = key if key is not None else jax.random.key(0)
     cache = init_cache(self.cfg, b, length)
     start = time.perf_counter()
-    logits, cache = self._step(self.params, ids, cache, jnp.int32(0))
+    logits, cache = self._step(self.params, ids, cache, np.int32(0))
     key, sub = jax.random.split(key)
     tok = sample(logits[:, -1], sub, temperature, top_k, top_p)
     tok.block_until_ready()
@@ -334,7 +395,7 @@ class LlamaModel:
       on_token(0, np.asarray(tok))
     start = time.perf_counter()
     for i in range(1, max_new_tokens):
-      logits, cache = self._step(self.params, tok[:, None], cache, jnp.int32(t + i - 1))
+      logits, cache = self._step(self.params, tok[:, None], cache, np.int32(t + i - 1))
       key, sub = jax.random.split(key)
       tok = sample(logits[:, -1], sub, temperature, top_k, top_p)
       out.append(tok)
@@ -346,8 +407,9 @@ class LlamaModel:
                           else float("nan"))
 
 
-def load(path, *, dtype=None, progress: bool = True) -> LlamaModel:
-  """Loads a compressed-tensors (or GPTQ / AWQ) Llama-family directory with its tokenizer.json, if any."""
+def load(path, *, dtype=None, progress: bool = True, fuse: bool = True) -> LlamaModel:
+  """Loads a compressed-tensors (or GPTQ / AWQ) Llama-family directory with its tokenizer.json, if any.
+  fuse: q/k/v and gate/up run as one matmul each where the checkpoint allows it (`fuse_projections`)."""
   from jw4a16 import checkpoint  # noqa: PLC0415
 
   params, config, _ = checkpoint.load(path, dtype=dtype, progress=progress)
@@ -355,6 +417,8 @@ def load(path, *, dtype=None, progress: bool = True) -> LlamaModel:
   if dtype:
     cfg = dataclasses.replace(cfg, dtype=dtype)
   flax_params, quant = hf_to_flax(params, cfg)
+  if fuse:
+    flax_params, quant, cfg = fuse_projections(flax_params, quant, cfg)
   tok = None
   tok_file = pathlib.Path(path) / "tokenizer.json"
   if tok_file.exists():
@@ -364,5 +428,5 @@ def load(path, *, dtype=None, progress: bool = True) -> LlamaModel:
   return LlamaModel(cfg, flax_params, quant, tok, path)
 
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "QuantSpec", "hf_to_flax", "init_cache", "load",
-           "sample"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "QuantSpec", "fuse_projections", "hf_to_flax",
+           "init_cache", "load", "sample"]

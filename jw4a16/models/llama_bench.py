@@ -20,9 +20,10 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jw4a16 import tuning
-from jw4a16.models.llama import LlamaConfig, LlamaForCausalLM, QuantSpec, init_cache
+from jw4a16.models.llama import LlamaConfig, LlamaForCausalLM, QuantSpec, fuse_projections, init_cache
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                         num_kv_heads=8, head_dim=128, rope_theta=500000.0,
@@ -69,30 +70,34 @@ def unstack(params: dict, num_layers: int) -> dict:
   return out
 
 
-def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False):
+def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=True):
   """scan=False (as `load` builds models): one set of arrays per layer.  scan=True: one compiled layer under
   lax.scan over stacked arrays, whose per-layer slices XLA copies out before each custom call (the Triton
-  kernel) and each bf16 dot: a copy of every weight per step, so decode is slower that way."""
+  kernel) and each bf16 dot: a copy of every weight per step, so decode is slower that way.  fuse: q/k/v and
+  gate/up as one matmul each (as `load` builds models), for both the int4 and the bf16 model."""
   prefixes = ["layers"] if scan else [f"layers_{i}" for i in range(cfg.num_layers)]
   quant = (QuantSpec(tuple((f"{p}.{n}", (128, True, False)) for p in prefixes for n in PROJ)) if quantized
            else QuantSpec())
-  model = LlamaForCausalLM(cfg, quant, scan_layers=scan)
   params = random_params(cfg, quantized, key)
   if not scan:
-    params = jax.block_until_ready(unstack(params, cfg.num_layers))
+    params = unstack(params, cfg.num_layers)
+  if fuse:
+    params, quant, cfg = fuse_projections(params, quant, cfg)
+  params = jax.block_until_ready(params)
+  model = LlamaForCausalLM(cfg, quant, scan_layers=scan)
   step = jax.jit(lambda p, ids, cache, i: model.apply({"params": p}, ids, cache, i), donate_argnums=(2,))
   res = {"weights_GB": sum(a.nbytes for a in jax.tree.leaves(params)) / 1e9}
   for b in batches:
     cache = init_cache(cfg, b, 256)
     ids = jnp.ones((b, 1), jnp.int32)
     t0 = time.perf_counter()
-    logits, cache = step(params, ids, cache, jnp.int32(0))
+    logits, cache = step(params, ids, cache, np.int32(0))
     logits.block_until_ready()
     res[f"decode_compile_s_b{b}"] = time.perf_counter() - t0
     times = []
     for i in range(1, steps + 1):
       t0 = time.perf_counter()
-      logits, cache = step(params, ids, cache, jnp.int32(i))
+      logits, cache = step(params, ids, cache, np.int32(i))
       logits.block_until_ready()
       times.append(time.perf_counter() - t0)
     med = statistics.median(times[3:])
@@ -101,13 +106,13 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False):
     del cache
   cache = init_cache(cfg, 1, prefill_len)
   ids = jnp.ones((1, prefill_len), jnp.int32)
-  logits, cache = step(params, ids, cache, jnp.int32(0))
+  logits, cache = step(params, ids, cache, np.int32(0))
   logits.block_until_ready()
   times = []
   for _ in range(5):
     cache = init_cache(cfg, 1, prefill_len)
     t0 = time.perf_counter()
-    logits, cache = step(params, ids, cache, jnp.int32(0))
+    logits, cache = step(params, ids, cache, np.int32(0))
     logits.block_until_ready()
     times.append(time.perf_counter() - t0)
   res["prefill_tokens_per_s"] = prefill_len / statistics.median(times)
@@ -121,17 +126,21 @@ def main(argv=None):
   p.add_argument("--prefill", type=int, default=2048)
   p.add_argument("--out", default=None)
   p.add_argument("--scan", action="store_true", help="scanned layers over stacked weights (default: unrolled)")
+  p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up matmuls (default: fused)")
+  p.add_argument("--batches", default="1,16", help="decode batch sizes")
   p.add_argument("--variants", default="w4a16,bf16",
                  help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), bf16")
   a = p.parse_args(argv)
   cfg = dataclasses.replace(LLAMA3_8B, num_layers=a.layers)
-  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers, "scan": a.scan}
+  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers, "scan": a.scan,
+         "fused": not a.no_fuse}
   for name in a.variants.split(","):
     if name not in ("w4a16", "w4a16-nogemv", "bf16"):
       raise SystemExit(f"--variants: unknown {name!r}")
     # the dispatcher reads the variable when the model is traced, inside measure
     with mock.patch.dict(os.environ, {tuning.DISABLE_ENV: "gemv"} if name == "w4a16-nogemv" else {}):
-      out[name] = measure(cfg, name != "bf16", (1, 16), a.steps, a.prefill, jax.random.key(0), scan=a.scan)
+      out[name] = measure(cfg, name != "bf16", tuple(int(b) for b in a.batches.split(",")), a.steps, a.prefill,
+                          jax.random.key(0), scan=a.scan, fuse=not a.no_fuse)
     print(name, json.dumps(out[name]), flush=True)
   for name in out:
     if name.startswith("w4a16") and "bf16" in out:
