@@ -159,13 +159,14 @@ GEMV_MAX_M = {"h100": 2, "h200": 2}
 
 
 def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
-  """512-column tiles of 4 lanes x 8 rows per step (2 warps on NVIDIA, 1 wavefront on AMD), split along K
-  until about 4 programs per SM."""
+  """256-column tiles of 16 lanes x 8 rows per step (4 warps on NVIDIA, 2 wavefronts on AMD), split along K
+  until about 4 programs per SM, at most 32 ways: the last program of a tile reads every split's partial, so
+  deep splits cost a longer tail (the session-3 sweep's best configs on the Llama-3-8B shapes, M = 1)."""
   del group_size  # select_config legalizes block_k against it
-  bn, bk, lanes = 512, 8, 4
+  bn, bk, lanes = 256, 8, 16
   tiles = m * math.ceil(n / bn)
   split = 1
-  while tiles * split < 4 * target.num_sms and k // (split * 2) >= 2 * bk * lanes:
+  while tiles * split < 4 * target.num_sms and split < 32 and k // (split * 2) >= bk * lanes:
     split *= 2
   return gemv_config(bn, bk, lanes, split, target)
 

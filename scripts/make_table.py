@@ -1,14 +1,19 @@
 """Builds jw4a16/configs/<gpu>.json from scripts/sweep.py output: the fastest config per (K, N, M bucket), with
 unmeasured buckets up to 256 taking the nearest measured M.  bf16, symmetric, the sweep's group size.
 
-  python scripts/make_table.py benchmarks/results/sweep-h100-2026-11-25.json [more sweeps] h100 --group 128
+  python scripts/make_table.py benchmarks/results/sweep-h100-2026-11-25.json [more sweeps] h100 --group 128 \
+      [--gemv-from SWEEP ...]
+
+--gemv-from: only these sweeps' gemv rows count (the others' were measured with an older gemv kernel); a bucket
+up to tuning.GEMV_MAX_M whose shape has no such row is left out of the table, so the dispatcher's gemv
+heuristic answers it rather than a tile config that gemv beat.
 """
 
 import argparse
 import json
 import pathlib
 
-from jw4a16.tuning import CONFIG_DIR, KernelConfig, legalize, table_key
+from jw4a16.tuning import CONFIG_DIR, GEMV_MAX_M, KernelConfig, legalize, table_key
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -18,13 +23,17 @@ def main():
   p.add_argument("sweep", nargs="+", help="sweep files; a later file's (K, N, M) rows replace earlier ones'")
   p.add_argument("gpu")
   p.add_argument("--group", type=int, default=128)
+  p.add_argument("--gemv-from", nargs="*", default=None, help="sweeps whose gemv rows are current (default: all)")
   a = p.parse_args()
+  gemv_max_m = GEMV_MAX_M.get(a.gpu, 1)
   best = {}
   for path in a.sweep:
     rows = json.loads(pathlib.Path(path).read_text())
     for key in {(r["k"], r["n"], r["m"]) for r in rows}:
       best.pop(key, None)
     for r in rows:
+      if a.gemv_from is not None and r["config"].get("kernel") == "gemv" and path not in a.gemv_from:
+        continue
       key = (r["k"], r["n"], r["m"])
       if key not in best or r["us"] < best[key]["us"]:
         best[key] = r
@@ -38,6 +47,8 @@ def main():
       cfg = legalize(KernelConfig(**best[(k, n, m)]["config"]), k, a.group)
       if cfg.kernel == "gemv" and bucket > m:  # its cost grows with M: never extrapolate it upwards
         continue
+      if cfg.kernel != "gemv" and bucket <= gemv_max_m and a.gemv_from is not None:
+        continue  # no current gemv measurement here: leave it to the gemv heuristic
       for dtype in ("bfloat16", "float16"):
         for has_zp in (False, True):
           table[table_key(bucket, k, n, a.group, dtype, has_zp)] = cfg.to_json()

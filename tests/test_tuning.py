@@ -78,3 +78,15 @@ def test_scratch_shapes_follow_split_k_and_grid():
   gemv = tuning.gemv_config(512, 8, 4, 8, tuning.H100)
   assert gemv.scratch_shapes(2, 6144) == ((8, 2, 6144), (2 * 12,))
   assert tuning.KernelConfig(16, 128, 64).scratch_shapes(40, 1000) == ((1,), (1,))
+
+
+@pytest.mark.parametrize("kn", [(4096, 6144), (4096, 28672), (14336, 4096), (8192, 57344), (28672, 8192), (512, 64)])
+def test_gemv_heuristic_splits_to_four_programs_per_sm_at_most_32(kn):
+  """The last program of a tile reads every split's partial: splits stop at ~4 programs per SM, 32 ways, or
+  one K step per split, whichever comes first."""
+  k, n = kn
+  c = tuning.gemv_heuristic(1, k, n, 128)
+  programs = c.grid(1, n)[0] * c.split_k
+  assert c.split_k <= 32 and k // c.split_k >= c.block_k * c.k_lanes
+  assert programs >= 4 * tuning.H100.num_sms or c.split_k == 32 or k // (2 * c.split_k) < c.block_k * c.k_lanes
+  assert c.split_k == 1 or programs // 2 < 4 * tuning.H100.num_sms  # never a split more than needed
