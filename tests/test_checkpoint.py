@@ -203,8 +203,13 @@ def test_quantized_linear_bias_qwen2_style(tmp_path):
   params, _, _ = checkpoint.load(d, progress=False)
   np.testing.assert_array_equal(node(params, "model.layers.1.self_attn.q_proj_bias"), bias)
   m = llama.load(d, progress=False)
-  assert m.cfg.attention_bias
-  assert "bias" in m.params["layers_0"]["self_attn"]["q_proj"]
+  assert m.cfg.attention_bias and m.cfg.fuse_qkv
+  # fused: one [q | k | v] bias beside the concatenated weights
+  np.testing.assert_array_equal(np.asarray(m.params["layers_0"]["self_attn"]["qkv_proj"]["bias"]),
+                                np.concatenate([bias, bias[:128], bias[:128]]))
+  sep = llama.load(d, progress=False, fuse=False)
+  assert "bias" in sep.params["layers_0"]["self_attn"]["q_proj"]
   plain = llama.load(FIXTURES["sym"], progress=False)
   ids = np.array([[3, 4, 5]], np.int32)
   assert np.abs(np.asarray(m(ids)) - np.asarray(plain(ids))).max() > 1e-3  # the biases take part
+  np.testing.assert_allclose(np.asarray(m(ids)), np.asarray(sep(ids)), rtol=0, atol=1e-5)
