@@ -105,7 +105,8 @@ def main(argv=None):
   p.add_argument("--variant", default="w4a16", choices=("w4a16", "bf16"))
   p.add_argument("--no-fuse", action="store_true")
   p.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
-                 help="passed to jax.jit(compiler_options=...) of the decode step, e.g. xla_gpu_graph_min_graph_size=1000")
+                 help="passed to jax.jit(compiler_options=...) of the decode step, "
+                      "e.g. xla_gpu_graph_min_graph_size=1000")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--trace-dir", default="/tmp/jw4a16-trace")
   p.add_argument("--json", default=None, help="append the summary as one JSON line to this file")
@@ -125,18 +126,11 @@ def main(argv=None):
     print(f"   per op: wall {wall / a.copies:.1f} us, GPU busy {s['gpu_busy_us_per_step'] / a.copies:.1f} us")
   else:
     from jw4a16.models import llama_bench  # noqa: PLC0415
-    from jw4a16.models.llama import LlamaForCausalLM, QuantSpec, fuse_projections, init_cache  # noqa: PLC0415
+    from jw4a16.models.llama import init_cache  # noqa: PLC0415
 
-    cfg = dataclasses.replace(llama_bench.LLAMA3_8B, num_layers=a.layers)
-    quantized = a.variant == "w4a16"
-    prefixes = [f"layers_{i}" for i in range(cfg.num_layers)]
-    quant = (QuantSpec(tuple((f"{pre}.{nm}", (128, True, False)) for pre in prefixes for nm in llama_bench.PROJ))
-             if quantized else QuantSpec())
-    params = llama_bench.unstack(llama_bench.random_params(cfg, quantized, jax.random.key(0)), cfg.num_layers)
-    if not a.no_fuse:
-      params, quant, cfg = fuse_projections(params, quant, cfg)
-    params = jax.block_until_ready(params)
-    model = LlamaForCausalLM(cfg, quant)
+    model, params = llama_bench.build(dataclasses.replace(llama_bench.LLAMA3_8B, num_layers=a.layers),
+                                      a.variant == "w4a16", jax.random.key(0), fuse=not a.no_fuse)
+    cfg = model.cfg
     opts = dict(o.split("=", 1) for o in a.compiler_option)
     step = jax.jit(lambda p, ids, cache, i: model.apply({"params": p}, ids, cache, i), donate_argnums=(2,),
                    compiler_options=opts or None)

@@ -5,8 +5,8 @@ workspace [SPLIT_K, M, N] and then take a ticket from the tile's arrival counter
 before the launch).  The program that draws ticket SPLIT_K - 1 arrived last: every other partial is in memory,
 so it sums all SPLIT_K slots, its own included, in slot order (the result is the same whichever program arrives
 last; holding its own tile in registers instead spills the 64x128 tiles) and writes the tile of `out` in the
-output dtype.  One launch does the whole op, with no second kernel to reduce the
-partials; only integer atomics are used (one per program), so it suits AMD as well, where float atomics are slow.
+output dtype.  One launch does the whole op, with no second kernel to reduce the partials; only integer atomics
+are used (one per program), so it suits AMD as well, where float atomics are slow.
 
 Ordering: the barrier makes all of the program's partial stores happen before its ticket, and the ticket's
 acq_rel (gpu scope) releases them to, and acquires the others' for, the last program; the partials are then

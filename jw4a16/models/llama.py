@@ -292,6 +292,15 @@ FUSIONS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj", "fuse_qkv")
            ("mlp", ("gate_proj", "up_proj"), "gate_up_proj", "fuse_gate_up"))
 
 
+def _fusable(node: dict, specs: dict, path: str, names) -> bool:
+  """Projections `names` of `node` (module path `path`) can be one matmul: same params, and all float or all
+  int4 with one (group, symmetry) and no act-order."""
+  if not all(n in node for n in names) or len({tuple(sorted(node[n])) for n in names}) != 1:
+    return False
+  got = {specs.get(f"{path}.{n}") for n in names}
+  return len(got) == 1 and (None in got or not next(iter(got))[2])
+
+
 def fuse_projections(params: dict, quant: QuantSpec, cfg: LlamaConfig) -> tuple[dict, QuantSpec, LlamaConfig]:
   """q/k/v -> qkv_proj and gate/up -> gate_up_proj, their params concatenated along N, in every layer.
 
@@ -302,20 +311,9 @@ def fuse_projections(params: dict, quant: QuantSpec, cfg: LlamaConfig) -> tuple[
   last axis.
   """
   prefixes = [k for k in params if k == "layers" or k.startswith("layers_")]
-  specs, new_params = dict(quant.layers), dict(params)
-  fused = {}
+  specs, new_params, fused = dict(quant.layers), dict(params), {}
   for group, names, target, flag in FUSIONS:
-    def spec_of(pre, n, group=group):
-      return specs.get(f"{pre}.{group}.{n}")
-
-    def fusable(pre, names=names, group=group, spec_of=spec_of):
-      node = params[pre][group]
-      if not all(n in node for n in names) or len({tuple(sorted(node[n])) for n in names}) != 1:
-        return False
-      got = {spec_of(pre, n) for n in names}
-      return len(got) == 1 and (None in got or not next(iter(got))[2])
-
-    if not prefixes or not all(fusable(pre) for pre in prefixes):
+    if not prefixes or not all(_fusable(params[pre][group], specs, f"{pre}.{group}", names) for pre in prefixes):
       continue
     fused[flag] = True
     for pre in prefixes:
@@ -324,9 +322,7 @@ def fuse_projections(params: dict, quant: QuantSpec, cfg: LlamaConfig) -> tuple[
       cat = np.concatenate if all(isinstance(a, np.ndarray) for p in parts for a in p.values()) else jnp.concatenate
       node[target] = {key: cat([p[key] for p in parts], axis=-1) for key in parts[0]}
       new_params[pre] = {**new_params[pre], group: node}
-      spec = spec_of(pre, names[0])
-      for n in names:
-        specs.pop(f"{pre}.{group}.{n}", None)
+      spec = [specs.pop(f"{pre}.{group}.{n}", None) for n in names][0]
       if spec is not None:
         specs[f"{pre}.{group}.{target}"] = spec
   return new_params, QuantSpec(tuple(sorted(specs.items()))), dataclasses.replace(cfg, **fused)

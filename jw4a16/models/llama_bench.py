@@ -70,11 +70,12 @@ def unstack(params: dict, num_layers: int) -> dict:
   return out
 
 
-def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=True):
-  """scan=False (as `load` builds models): one set of arrays per layer.  scan=True: one compiled layer under
-  lax.scan over stacked arrays, whose per-layer slices XLA copies out before each custom call (the Triton
-  kernel) and each bf16 dot: a copy of every weight per step, so decode is slower that way.  fuse: q/k/v and
-  gate/up as one matmul each (as `load` builds models), for both the int4 and the bf16 model."""
+def build(cfg, quantized, key, scan=False, fuse=True):
+  """(module, params on the device) of the random model.  scan=False (as `load` builds models): one set of
+  arrays per layer.  scan=True: one compiled layer under lax.scan over stacked arrays, whose per-layer slices XLA
+  copies out before each custom call (the Triton kernel) and each bf16 dot: a copy of every weight per step, so
+  decode is slower that way.  fuse: q/k/v and gate/up as one matmul each (as `load` builds models), for both
+  the int4 and the bf16 model."""
   prefixes = ["layers"] if scan else [f"layers_{i}" for i in range(cfg.num_layers)]
   quant = (QuantSpec(tuple((f"{p}.{n}", (128, True, False)) for p in prefixes for n in PROJ)) if quantized
            else QuantSpec())
@@ -83,8 +84,13 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
     params = unstack(params, cfg.num_layers)
   if fuse:
     params, quant, cfg = fuse_projections(params, quant, cfg)
-  params = jax.block_until_ready(params)
-  model = LlamaForCausalLM(cfg, quant, scan_layers=scan)
+  return LlamaForCausalLM(cfg, quant, scan_layers=scan), jax.block_until_ready(params)
+
+
+def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=True):
+  """Decode and prefill timings of `build(cfg, quantized, key, scan, fuse)`."""
+  model, params = build(cfg, quantized, key, scan, fuse)
+  cfg = model.cfg
   step = jax.jit(lambda p, ids, cache, i: model.apply({"params": p}, ids, cache, i), donate_argnums=(2,))
   res = {"weights_GB": sum(a.nbytes for a in jax.tree.leaves(params)) / 1e9}
   for b in batches:
