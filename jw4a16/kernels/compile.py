@@ -38,17 +38,22 @@ class CompileReport:
 
 
 def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
-                   has_zp: bool = False, num_warps: int = 4, num_stages: int = 3, amd_options: dict | None = None,
-                   kernel: str = "tile"):
-  """Compiles KERNELS[kernel] for `target` (a key of TARGETS) with the constexprs jax-triton would pass."""
+                   has_zp: bool = False, zp_bias: int = 8, num_warps: int = 4, num_stages: int = 3,
+                   amd_options: dict | None = None, kernel: str = "tile", m_is_one: bool = False):
+  """Compiles KERNELS[kernel] for `target` (a key of TARGETS) with the constexprs jax-triton would pass.
+
+  m_is_one: M is the constexpr 1, as jax-triton makes an integer argument equal to 1.
+  """
   sig = {"x_ptr": f"*{_TT[dtype]}", "qweight_ptr": "*i32", "scales_ptr": f"*{_TT[dtype]}", "qzeros_ptr": "*i32",
          "M": "i32", "out_ptr": f"*{_TT[dtype]}", "partial_ptr": "*fp32", "lock_ptr": "*i32"}
-  constexprs = dict(N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=has_zp, ZP_BIAS=8, **meta)
+  constexprs = dict(N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=has_zp, ZP_BIAS=zp_bias, **meta)
+  if m_is_one:
+    constexprs["M"] = 1
   sig.update({name: "constexpr" for name in constexprs})
   # jax-triton assumes 16-byte aligned arrays; say so, as it does
   attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6, 7)}
   src = triton.compiler.ASTSource(fn=KERNELS[kernel], signature=sig, constexprs=constexprs, attrs=attrs)
-  options = dict(num_warps=num_warps, num_stages=num_stages)
+  options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)  # jax-triton's default
   if TARGETS[target].backend == "hip" and amd_options:
     options.update({k: v for k, v in amd_options.items() if v})
   return triton.compile(src, target=TARGETS[target], options=options)
