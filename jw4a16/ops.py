@@ -2,8 +2,6 @@
 
 Path selection (trace time): `backend=` if given, else the JW4A16_BACKEND environment variable, else "auto":
 Triton when JAX's default backend is a GPU (cuda or rocm) and jax-triton imports; the reference otherwise.
-The Triton path launches through `jax_triton.triton_call`, or, with `launcher="graph"` (or JW4A16_LAUNCHER=graph,
-CUDA only), as a custom call that XLA's CUDA graphs capture (graph_launch.py).
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jw4a16 import checks, graph_launch, tuning
+from jw4a16 import checks, tuning
 from jw4a16.qweight import QuantizedWeight
 from jw4a16.reference import dequantize, w4a16_matmul_reference
 
@@ -49,23 +47,11 @@ def resolve_backend(backend: str | None = None) -> str:
   return "reference" if reason else "triton"
 
 
-def resolve_launcher(launcher: str | None = None) -> str:
-  """'jax-triton' or 'graph' for the Triton path of this trace."""
-  choice = launcher or os.environ.get(graph_launch.LAUNCHER_ENV, "jax-triton")
-  if choice not in graph_launch.LAUNCHERS:
-    raise ValueError(f"launcher={choice!r} (argument or ${graph_launch.LAUNCHER_ENV}) must be one of "
-                     f"{graph_launch.LAUNCHERS}")
-  if choice == "graph" and jax.default_backend() not in ("gpu", "cuda"):
-    raise ValueError(f"launcher='graph' launches with the CUDA driver API; JAX's backend is "
-                     f"{jax.default_backend()!r}. Use launcher='jax-triton'")
-  return choice
-
-
 def current_target() -> tuning.Target:
   return tuning.target_from_device(jax.devices()[0])
 
 
-def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, launcher):
+def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
   """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype.
 
   Without a forced config, large M on targets where it measured faster takes the dequantize-then-GEMM route
@@ -78,29 +64,23 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, launch
     w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
     return jnp.matmul(x2d, w, preferred_element_type=jnp.float32).astype(x2d.dtype)
 
+  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
+
+  from jw4a16.kernels import KERNELS  # noqa: PLC0415
+
   dtype = np.dtype(x2d.dtype).name
   if config is not None:
     tuning.check_config(config, k, group_size)
   cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, target)
   partials, locks = cfg.scratch_shapes(m, n)
-  out_shapes = (jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32),
-                jax.ShapeDtypeStruct(locks, jnp.int32))
-  constexprs = dict(N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta())
-  args = (x2d, qweight, scales, scales if qzeros is None else qzeros)  # scales stand in for absent zeros
-  if launcher == "graph":
-    out, _, _ = graph_launch.launch(*args, kernel=cfg.kernel, grid=cfg.grid(m, n), out_shapes=out_shapes,
-                                    zero_counters=cfg.split_k > 1, constexprs=constexprs, num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages)
-    return out
-
-  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
-
-  from jw4a16.kernels import KERNELS  # noqa: PLC0415
-
   out, _, _ = jt.triton_call(
-      *args, m, kernel=KERNELS[cfg.kernel], grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
-      out_shape=out_shapes, zeroed_outputs=(2,) if cfg.split_k > 1 else (),
-      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs)
+      x2d, qweight, scales, scales if qzeros is None else qzeros, m,
+      kernel=KERNELS[cfg.kernel], grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
+      out_shape=(jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32),
+                 jax.ShapeDtypeStruct(locks, jnp.int32)),
+      zeroed_outputs=(2,) if cfg.split_k > 1 else (),
+      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+      N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta())
   return out
 
 
@@ -119,13 +99,12 @@ def _inference_only(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelConfig | None, launcher: str):
+def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelConfig | None):
   """custom_vmap'ed [M, K] x [K, N] kernel call: a vmap over x folds the batch into M (one launch); a vmap
   over the weights (stacked layers) runs one launch per batch member with lax.map."""
 
   def call(x2d, qweight, scales, qzeros):
-    return _launch(x2d, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, config=config,
-                   launcher=launcher)
+    return _launch(x2d, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, config=config)
 
   @jax.custom_batching.custom_vmap
   def f(x2d, qweight, scales, qzeros):
@@ -160,7 +139,7 @@ def _reference_call(group_size: int, zp_bias: int):
 
 
 def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None, perm=None,
-                 backend: str | None = None, config: tuning.KernelConfig | None = None, launcher: str | None = None):
+                 backend: str | None = None, config: tuning.KernelConfig | None = None):
   """x [..., K] @ W [K, N] -> [..., N] in x's dtype, W = (q - z) * s dequantized on the fly.
 
   Args:
@@ -180,8 +159,6 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
     perm: [K] int, qweight's rows are already sorted by group; x's columns are gathered by perm.
     backend: "auto" (default; or $JW4A16_BACKEND), "triton" or "reference".
     config: a `jw4a16.tuning.KernelConfig` to force a tile shape (Triton path only).
-    launcher: how the Triton path launches: "jax-triton" (default; or $JW4A16_LAUNCHER) or "graph" (CUDA only:
-      a custom call that XLA's CUDA graphs capture, so a jitted step with many calls is not host-bound).
 
   Inference only: jax.grad through it raises.  Works under jax.jit and jax.vmap (a vmap over x folds into M).
   """
@@ -206,15 +183,14 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
     if perm is not None:
       x = jnp.take(x, jnp.asarray(perm, jnp.int32), axis=-1)
     lead = x.shape[:-1]
-    call = _batched_kernel_call(g, zp_bias, config, resolve_launcher(launcher))
-    out = call(x.reshape(math.prod(lead), k), qweight, scales, qzeros)
+    out = _batched_kernel_call(g, zp_bias, config)(x.reshape(math.prod(lead), k), qweight, scales, qzeros)
     out = out.reshape(*lead, n)
   if valid is not None:
     out = jnp.where(valid, out, jnp.nan).astype(x.dtype)
   return out
 
 
-def quantized_matmul(x, w: QuantizedWeight, *, backend: str | None = None, config=None, launcher=None):
+def quantized_matmul(x, w: QuantizedWeight, *, backend: str | None = None, config=None):
   """`w4a16_matmul` on a QuantizedWeight."""
   return w4a16_matmul(x, w.qweight, w.scales, w.qzeros, group_size=w.group_size, zp_bias=w.zp_bias, perm=w.perm,
-                      backend=backend, config=config, launcher=launcher)
+                      backend=backend, config=config)

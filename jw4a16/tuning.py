@@ -206,13 +206,9 @@ def shipped_table(target_name: str) -> dict[str, KernelConfig]:
   return {key: KernelConfig(**cfg) for key, cfg in json.loads(path.read_text())["configs"].items()}
 
 
-def cache_root() -> pathlib.Path:
-  """$JW4A16_CACHE_DIR, else ~/.cache/jw4a16: the tuning cache and the graph launcher's compiled kernels."""
-  return pathlib.Path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jw4a16"))
-
-
 def cache_path(target_name: str) -> pathlib.Path:
-  return cache_root() / f"tuning-{target_name}.json"
+  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jw4a16")
+  return pathlib.Path(root) / f"tuning-{target_name}.json"
 
 
 @functools.lru_cache(maxsize=None)

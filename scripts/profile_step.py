@@ -121,7 +121,7 @@ def main(argv=None):
     x = jax.random.normal(jax.random.key(99), (a.m, k), jnp.bfloat16)
     many = jax.jit(lambda x, ws: [w4a16_matmul(x, *w, group_size=128) for w in ws])
     wall, s = trace_steps(many, lambda i: (x, sets), a.steps, a.trace_dir)
-    name = f"op {k}x{n} M={a.m}, {a.copies} calls per step, launcher={os.environ.get('JW4A16_LAUNCHER', 'jax-triton')}"
+    name = f"op {k}x{n} M={a.m}, {a.copies} calls per step"
     report(name, wall, s)
     print(f"   per op: wall {wall / a.copies:.1f} us, GPU busy {s['gpu_busy_us_per_step'] / a.copies:.1f} us")
   else:
@@ -145,8 +145,7 @@ def main(argv=None):
     jax.block_until_ready(run(params, ids, np.int32(0)))
     print(f"compile + first step: {time.perf_counter() - t:.1f} s", flush=True)
     wall, s = trace_steps(run, lambda i: (params, ids, np.int32(1 + i % 200)), a.steps, a.trace_dir)
-    name = (f"decode {a.variant} layers={a.layers} batch={a.batch} fused={not a.no_fuse} options={opts} "
-            f"launcher={os.environ.get('JW4A16_LAUNCHER', 'jax-triton')}")
+    name = f"decode {a.variant} layers={a.layers} batch={a.batch} fused={not a.no_fuse} options={opts}"
     report(name, wall, s)
     print(f"   tokens/s: {a.batch / (wall * 1e-6):.0f}")
   if a.json:

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jw4a16 import tuning
-from jw4a16.graph_launch import LAUNCHER_ENV
 from jw4a16.models.llama import LlamaConfig, LlamaForCausalLM, QuantSpec, fuse_projections, init_cache
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
@@ -126,11 +125,6 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
   return res
 
 
-# benchmark variant -> the environment the op dispatcher reads at trace time
-VARIANT_ENV = {"w4a16": {}, "w4a16-nogemv": {tuning.DISABLE_ENV: "gemv"}, "w4a16-graph": {LAUNCHER_ENV: "graph"},
-               "bf16": {}}
-
-
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--layers", type=int, default=32)
@@ -141,17 +135,16 @@ def main(argv=None):
   p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up matmuls (default: fused)")
   p.add_argument("--batches", default="1,16", help="decode batch sizes")
   p.add_argument("--variants", default="w4a16,bf16",
-                 help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), w4a16-graph "
-                 "(launcher='graph': launches captured by CUDA graphs), bf16")
+                 help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), bf16")
   a = p.parse_args(argv)
   cfg = dataclasses.replace(LLAMA3_8B, num_layers=a.layers)
   out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers, "scan": a.scan,
          "fused": not a.no_fuse}
   for name in a.variants.split(","):
-    if name not in VARIANT_ENV:
+    if name not in ("w4a16", "w4a16-nogemv", "bf16"):
       raise SystemExit(f"--variants: unknown {name!r}")
-    # the dispatcher reads the variables when the model is traced, inside measure
-    with mock.patch.dict(os.environ, VARIANT_ENV[name]):
+    # the dispatcher reads the variable when the model is traced, inside measure
+    with mock.patch.dict(os.environ, {tuning.DISABLE_ENV: "gemv"} if name == "w4a16-nogemv" else {}):
       out[name] = measure(cfg, name != "bf16", tuple(int(b) for b in a.batches.split(",")), a.steps, a.prefill,
                           jax.random.key(0), scan=a.scan, fuse=not a.no_fuse)
     print(name, json.dumps(out[name]), flush=True)
