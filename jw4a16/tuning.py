@@ -18,6 +18,7 @@ import pathlib
 import tempfile
 
 KERNEL_NAMES = ("tile", "gemv")  # the keys of jw4a16.kernels.KERNELS (imported lazily: it needs triton)
+GEMV_BLOCK_K = 8  # rows per lane and step of the gemv kernel: its register pipeline carries exactly 8
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 CACHE_ENV = "JW4A16_CACHE_DIR"
 
@@ -59,6 +60,9 @@ class KernelConfig:
         raise ValueError(f"KernelConfig.{f}={v} must be a power of two")
     if self.kernel == "gemv" and self.block_m != 1:
       raise ValueError(f"KernelConfig.block_m={self.block_m}: the gemv kernel takes one row of x per program (1)")
+    if self.kernel == "gemv" and self.block_k != GEMV_BLOCK_K:
+      raise ValueError(f"KernelConfig.block_k={self.block_k}: the gemv kernel's register pipeline carries "
+                       f"{GEMV_BLOCK_K} rows per lane and step (block_k={GEMV_BLOCK_K})")
     if self.k_lanes < 1 or self.k_lanes & (self.k_lanes - 1) or (self.k_lanes > 1 and self.kernel != "gemv"):
       raise ValueError(f"KernelConfig.k_lanes={self.k_lanes} must be a power of two, > 1 only for kernel 'gemv'")
     if self.kernel == "tile" and self.block_m not in (1,) and self.block_m < 16:
@@ -163,7 +167,7 @@ def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
   until about 4 programs per SM, at most 32 ways: the last program of a tile reads every split's partial, so
   deep splits cost a longer tail (the session-3 sweep's best configs on the Llama-3-8B shapes, M = 1)."""
   del group_size  # select_config legalizes block_k against it
-  bn, bk, lanes = 256, 8, 16
+  bn, bk, lanes = 256, GEMV_BLOCK_K, 16
   tiles = m * math.ceil(n / bn)
   split = 1
   while tiles * split < 4 * target.num_sms and split < 32 and k // (split * 2) >= bk * lanes:
@@ -175,8 +179,9 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
                      gemv: bool = True) -> KernelConfig:
   """Defaults for shapes the tables lack, read off the H100 sweeps (docs/performance.md): the gemv kernel up to
   GEMV_MAX_M (the tile kernel's GEMV body at M = 1 when gemv=False); 16- and 64-row tiles split along K until
-  about two programs per SM; 64x64x128 tiles from M = 128.  On AMD (64-wide wavefronts, 64 KiB LDS) warps count wavefronts and the software pipeline is two deep,
-  as AMD's Triton tutorials tune it; these are reasoned, not measured (we have no MI300)."""
+  about two programs per SM; 64x64x128 tiles from M = 128.  On AMD (64-wide wavefronts, 64 KiB LDS) warps
+  count wavefronts and the software pipeline is two deep, as AMD's Triton tutorials tune it; these are
+  reasoned, not measured (we have no MI300)."""
   amd = target.warp_size == 64
   stages = 2 if amd else 4
   if amd and m > 1:  # MFMA tiles: 16x16 instructions, two waves per SIMD (AMD's Triton GEMM tuning defaults)
@@ -214,7 +219,13 @@ def cache_path(target_name: str) -> pathlib.Path:
 @functools.lru_cache(maxsize=None)
 def _user_table(path: str, mtime: float) -> dict[str, KernelConfig]:
   del mtime  # part of the key: a rewritten file is read again
-  return {key: KernelConfig(**cfg) for key, cfg in json.loads(pathlib.Path(path).read_text()).items()}
+  table = {}
+  for key, cfg in json.loads(pathlib.Path(path).read_text()).items():
+    try:
+      table[key] = KernelConfig(**cfg)
+    except (ValueError, TypeError):  # written by an older jw4a16 (a config it no longer has): tune it again
+      continue
+  return table
 
 
 def user_table(target_name: str) -> dict[str, KernelConfig]:
@@ -305,11 +316,10 @@ def gemv_candidates(m: int, k: int, n: int, group_size: int, target: Target = H1
     if not 1 <= warps <= 8:
       continue
     tiles = m * math.ceil(n / bn)
-    for bk in (4, 8, 16):
-      for split in (1, 2, 4, 8, 16, 32, 64):
-        if k // split < bk * lanes or not target.num_sms <= tiles * split <= 8 * target.num_sms:
-          continue
-        out.append(gemv_config(bn, bk, lanes, split, target))
+    for split in (1, 2, 4, 8, 16, 32, 64):
+      if k // split < GEMV_BLOCK_K * lanes or not target.num_sms <= tiles * split <= 8 * target.num_sms:
+        continue
+      out.append(gemv_config(bn, GEMV_BLOCK_K, lanes, split, target))
   return [legalize(c, k, group_size) for c in out]
 
 

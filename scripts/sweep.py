@@ -79,7 +79,8 @@ def main():
       x = torch.randn(m, k, device="cuda", dtype=dtype)
       ref = (x.float() @ w.float())
       floor_us = max((k * n / 2 + s.numel() * 2 + m * (k + n) * 2) / bw, 2 * m * n * k / 780e12) * 1e6
-      dense_us = triton.testing.do_bench_cudagraph(lambda: [x @ d for d in dense], return_mode="median") * 1e3 / len(dense)
+      dense_us = triton.testing.do_bench_cudagraph(lambda: [x @ d for d in dense],
+                                                   return_mode="median") * 1e3 / len(dense)
       cands = (gemv_candidates if a.kinds == "gemv" else candidate_configs)(m, k, n, a.group)
       h = select_config(m, k, n, a.group, a.dtype, a.asym)  # what the dispatcher picks today: the baseline
       # keep the current pick, then an even spread over the rest

@@ -76,7 +76,7 @@ def test_candidate_configs(cfg):
 
 
 @pytest.mark.parametrize("cfg", [tuning.gemv_config(bn, bk, lanes, split) for bn, bk, lanes, split in (
-    (256, 8, 4, 1), (512, 4, 2, 3), (1024, 16, 1, 1), (256, 2, 16, 5), (512, 8, 4, 8), (2048, 16, 8, 2))], ids=str)
+    (256, 8, 4, 1), (512, 8, 2, 3), (1024, 8, 1, 1), (256, 8, 16, 5), (512, 8, 4, 8), (2048, 8, 8, 2))], ids=str)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("kng", [(4096, 6144, 128), (200, 1040, -1), (512, 72, 32)])
@@ -90,7 +90,7 @@ def test_gemv_configs(cfg, dtype, symmetric, kng):
   assert_close(out, np.asarray(x, np.float64) @ w, dtype)
 
 
-SPLIT_CONFIGS = [tuning.gemv_config(512, 8, 4, 32), tuning.gemv_config(512, 4, 2, 7),
+SPLIT_CONFIGS = [tuning.gemv_config(512, 8, 4, 32), tuning.gemv_config(512, 8, 2, 7),
                  tuning.KernelConfig(16, 128, 64, split_k=32), tuning.KernelConfig(64, 64, 128, split_k=5)]
 
 

@@ -55,9 +55,9 @@ def test_tile_configs(cfg, kng):
 
 GEMV_CONFIGS = [
     tuning.gemv_config(256, 8, 4, 1),
-    tuning.gemv_config(512, 4, 2, 3),  # uneven split
-    tuning.gemv_config(1024, 16, 1, 1),
-    tuning.gemv_config(256, 2, 16, 5),  # splits past K
+    tuning.gemv_config(512, 8, 2, 3),  # uneven split
+    tuning.gemv_config(1024, 8, 1, 1),
+    tuning.gemv_config(256, 8, 16, 5),  # splits past K
     tuning.gemv_config(512, 8, 4, 1, tuning.MI300X),  # 64-wide wavefronts
 ]
 

@@ -1,6 +1,7 @@
 """Configs, their validation, the dispatcher's choice order and the on-disk tuning cache (no GPU needed)."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -18,6 +19,8 @@ def test_gemv_config_validation():
     tuning.KernelConfig(16, 64, 64, kernel="dot")
   with pytest.raises(ValueError, match="smaller than one warp"):
     tuning.gemv_config(256, 8, 2, 1)  # 2 lanes x 32 words = 64 threads at 4 words: half a warp
+  with pytest.raises(ValueError, match="block_k=16: the gemv kernel's register pipeline carries 8 rows"):
+    tuning.gemv_config(256, 16, 16, 1)
 
 
 @pytest.mark.parametrize("target", [tuning.H100, tuning.MI300X], ids=lambda t: t.name)
@@ -70,6 +73,15 @@ def test_select_order_user_cache_then_shipped_then_heuristic(tmp_path, monkeypat
   assert tuning.select_config(1, k, n, 128, "bfloat16", False) == mine  # a new process would read it too
   assert tuning.select_config(1, 512, 512, 128, "bfloat16", False) == tuning.legalize(
       tuning.heuristic_config(1, 512, 512, 128), 512, 128)
+
+
+def test_user_cache_skips_entries_an_older_version_wrote(tmp_path, monkeypatch):
+  """A gemv entry with block_k=16 (valid before the register pipeline) is dropped, the rest of the cache kept."""
+  monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
+  good = tuning.gemv_config(512, 8, 8, 4)
+  stale = dict(good.to_json(), block_k=16)
+  tuning.cache_path("h100").write_text(json.dumps({"a": good.to_json(), "b": stale}))
+  assert tuning.user_table("h100") == {"a": good}
 
 
 def test_scratch_shapes_follow_split_k_and_grid():

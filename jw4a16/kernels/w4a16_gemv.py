@@ -2,16 +2,23 @@
 
 At one row of x the work is streaming weight bytes, and what limits a kernel is how many instructions it spends
 per weight (docs/performance.md: the tensor-core kernel spends about 7 in its loop, and is issue-bound).  This
-one spends about 4 (sm_90 SASS): a shift and one LOP put nibble j of a word into the mantissa of an fp32 16.0,
+one spends about 4.5 (sm_90 SASS, loop included): one LOP puts nibble j of a word into the mantissa of an fp32,
+after one shift per two nibbles (_pair puts nibble 2i at bits 15..18 and nibble 2i + 1 at bits 19..22):
 
-    float_bits(((word << (19 - 4j)) & 0x00780000) | 0x41800000) = 16 + q_j      (exact: q_j < 16 sets bits 19..22)
+    float_bits((moved & 0x00078000) | 0x43800000) = 256 + q_2i         (exponent 2^8, q at mantissa bits 15..18)
+    float_bits((moved & 0x00780000) | 0x41800000) = 16 + q_2i+1        (exponent 2^4, q at mantissa bits 19..22)
 
-and one FMA accumulates x * (16 + q).  The weights never leave "word planes": plane j holds column 8w + j of
-every packed word w, so nothing is interleaved per weight; the eight plane accumulators are interleaved once,
-at the store.  Zero point, the +16 and the group scale are applied per K step to the [K_LANES, BLOCK_N // 8]
-plane sums (plus one running sum of x):
+both exact, and one FMA accumulates x * (OFF + q).  The weights never leave "word planes": plane j holds column
+8w + j of every packed word w, so nothing is interleaved per weight; the eight plane accumulators are
+interleaved once, at the store.  Zero point, the offset and the group scale are applied per K step to the
+[K_LANES, BLOCK_N // 8] plane sums (plus one running sum of x):
 
-    sum_k x (q - z) s = s * (sum_k x (16 + q) - (16 + z) * sum_k x)        (one group per lane step: BLOCK_K | G)
+    sum_k x (q - z) s = s * (sum_k x (OFF + q) - (OFF + z) * sum_k x)   (one group per lane step: BLOCK_K | G)
+
+The offset costs precision that fp32 has to spare: the sum over a step carries OFF = 256 against q < 16, about
+5 of fp32's 24 bits, far below the bf16 output's 8.  The loop is software-pipelined in registers: the 8 rows of
+the next step are loaded before the current step's arithmetic, so every warp has its next loads in flight while
+it computes (on H100, M = 1: 14336x4096 23.0 -> 19.9 us, 8192x57344 125 -> 114 us; docs/performance.md).
 
 Same arguments, layout and split-K epilogue as w4a16_gemm_kernel (kernels/w4a16_gemm.py): x, qweight,
 scales, qzeros, M, then out [M, N] in x's dtype, the fp32 partials workspace and the arrival counters.
@@ -25,30 +32,70 @@ from jw4a16.kernels.splitk import store_tile
 
 
 @triton.jit
-def _plane(words, J: tl.constexpr):
-  """16 + (nibble J of each word) as fp32: a shift and one LOP (mask | exponent)."""
-  if J < 5:
-    moved = words << (19 - 4 * J)
+def _pair(words, I: tl.constexpr):
+  """Words shifted so that nibble 2I sits at bits 15..18 and nibble 2I + 1 at bits 19..22: one shift."""
+  if I < 2:
+    return words << (15 - 8 * I)
   else:
-    moved = words >> (4 * J - 19)  # arithmetic shift: the sign bits it drags in are masked off
-  return ((moved & 0x00780000) | 0x41800000).to(tl.float32, bitcast=True)
+    return words >> (8 * I - 15)  # arithmetic shift: the sign bits it drags in are masked off
 
 
 @triton.jit
-def _fma_plane(p, xr, words, J: tl.constexpr):
-  """p[L, BNW] += x[k_l] * (16 + q_J[k_l, w]) for one row per K lane: one FMA per weight."""
-  return p + xr * _plane(words, J)
+def _plane(moved, J: tl.constexpr):
+  """OFF_J + q_J as fp32 from _pair's word: one LOP (mask | exponent); OFF_J = 256 (J even) or 16 (J odd)."""
+  if J % 2 == 0:
+    return ((moved & 0x00078000) | 0x43800000).to(tl.float32, bitcast=True)  # 2^8 (1 + q 2^15 / 2^23)
+  else:
+    return ((moved & 0x00780000) | 0x41800000).to(tl.float32, bitcast=True)  # 2^4 (1 + q 2^19 / 2^23)
 
 
 @triton.jit
 def _correct(acc, p, xsum, scale_rows, mask_w, zw, J: tl.constexpr, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr):
-  """acc += s_J * (p - (16 + z_J) * sum_k x): plane J's group correction, once per K step and lane."""
+  """acc += s_J * (p - (OFF_J + z_J) * sum_k x): plane J's group correction, once per K step and lane."""
+  off: tl.constexpr = 256.0 if J % 2 == 0 else 16.0
   s = tl.load(scale_rows + J, mask=mask_w, other=0.0).to(tl.float32)
   if HAS_ZP:
-    z = 16.0 + ((zw >> (4 * J)) & 0xF).to(tl.float32)
+    z = off + ((zw >> (4 * J)) & 0xF).to(tl.float32)
   else:
-    z = 16.0 + ZP_BIAS
+    z = off + ZP_BIAS
   return acc + (p - z * xsum) * s
+
+
+@triton.jit
+def _row(w_cols, x_row, mask_w, lane_k, R: tl.constexpr, k_stop, NW: tl.constexpr, K: tl.constexpr,
+         EVEN_K: tl.constexpr):
+  """Row R of every lane's block at lane_k [K_LANES, 1]: its words [K_LANES, BNW] and x [K_LANES, 1] in
+  fp32; zeros at or past k_stop (this split's end) or K."""
+  k = lane_k + R
+  if EVEN_K:
+    live = k < k_stop
+  else:
+    live = (k < k_stop) & (k < K)
+  words = tl.load(w_cols + k * NW, mask=mask_w & live, other=0)
+  x = tl.load(x_row + k, mask=live, other=0.0).to(tl.float32)
+  return words, x
+
+
+@triton.jit
+def _first_row(words, xr):
+  """The plane products x * (OFF_J + q_J) of one row of every lane: the p_J of a step's first row."""
+  w01 = _pair(words, 0)
+  w23 = _pair(words, 1)
+  w45 = _pair(words, 2)
+  w67 = _pair(words, 3)
+  return (xr * _plane(w01, 0), xr * _plane(w01, 1), xr * _plane(w23, 2), xr * _plane(w23, 3),
+          xr * _plane(w45, 4), xr * _plane(w45, 5), xr * _plane(w67, 6), xr * _plane(w67, 7))
+
+
+@triton.jit
+def _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, words, xr):
+  """p_J += x * (OFF_J + q_J) for one row of every lane: one FMA per weight, one shift per two."""
+  w01 = _pair(words, 0)
+  w23 = _pair(words, 1)
+  w45 = _pair(words, 2)
+  w67 = _pair(words, 3)
+  return (p0 + xr * _plane(w01, 0), p1 + xr * _plane(w01, 1), p2 + xr * _plane(w23, 2), p3 + xr * _plane(w23, 3),
+          p4 + xr * _plane(w45, 4), p5 + xr * _plane(w45, 5), p6 + xr * _plane(w67, 6), p7 + xr * _plane(w67, 7))
 
 
 @triton.jit
@@ -74,10 +121,11 @@ def w4a16_gemv_kernel(
   """One row of x per program (grid: M * cdiv(N, BLOCK_N) programs, SPLIT_K).
 
   The program's K range is cut into K_LANES interleaved lanes (tile dim 0: with BLOCK_N // 8 words per warp,
-  one warp per lane), each lane BLOCK_K rows per step, so K_LANES warps stream one weight tile together and
-  are reduced once, at the end.  Rows inside a lane step are unrolled: each row's words are one load per
-  thread and the sum over K is a per-thread chain of FMAs, with every row's load in flight together.
+  one warp per lane), each lane BLOCK_K = 8 rows per step, so K_LANES warps stream one weight tile together
+  and are reduced once, at the end.  The 8 rows of a step are carried through the loop as 8 tensors (the
+  register pipeline): each row's words are one load per thread and the sum over K is a per-thread chain of FMAs.
   """
+  tl.static_assert(BLOCK_K == 8, "the register pipeline carries 8 rows a step (tuning.KernelConfig checks it)")
   tl.static_assert(GROUP_SIZE == K or GROUP_SIZE % BLOCK_K == 0, "BLOCK_K must divide GROUP_SIZE")
   NW: tl.constexpr = N // 8
   BNW: tl.constexpr = BLOCK_N // 8
@@ -107,34 +155,38 @@ def w4a16_gemv_kernel(
   acc6 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
   acc7 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
   k_begin = pid_k * K_SPLIT
-  for k0 in range(k_begin, k_begin + K_SPLIT, STEP):
-    lane_k = k0 + lanes * BLOCK_K  # [K_LANES, 1] first row of each lane's block
-    p0 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
-    p1 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
-    p2 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
-    p3 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
-    p4 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
-    p5 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
-    p6 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
-    p7 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
-    xsum = tl.zeros((K_LANES, 1), dtype=tl.float32)
-    for r in tl.static_range(BLOCK_K):
-      k = lane_k + r
-      if EVEN_K:
-        words = tl.load(w_cols + k * NW, mask=mask_w, other=0)
-        xr = tl.load(x_row + k).to(tl.float32)
-      else:
-        words = tl.load(w_cols + k * NW, mask=mask_w & (k < K), other=0)
-        xr = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-      xsum += xr
-      p0 = _fma_plane(p0, xr, words, 0)
-      p1 = _fma_plane(p1, xr, words, 1)
-      p2 = _fma_plane(p2, xr, words, 2)
-      p3 = _fma_plane(p3, xr, words, 3)
-      p4 = _fma_plane(p4, xr, words, 4)
-      p5 = _fma_plane(p5, xr, words, 5)
-      p6 = _fma_plane(p6, xr, words, 6)
-      p7 = _fma_plane(p7, xr, words, 7)
+  k_stop = k_begin + K_SPLIT
+  # The register pipeline: step i + 1's rows (n*, y*) are loaded before step i's arithmetic on (c*, x*).
+  lane0 = lanes * BLOCK_K
+  n0, y0 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 0, k_stop, NW, K, EVEN_K)
+  n1, y1 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 1, k_stop, NW, K, EVEN_K)
+  n2, y2 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 2, k_stop, NW, K, EVEN_K)
+  n3, y3 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 3, k_stop, NW, K, EVEN_K)
+  n4, y4 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 4, k_stop, NW, K, EVEN_K)
+  n5, y5 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 5, k_stop, NW, K, EVEN_K)
+  n6, y6 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 6, k_stop, NW, K, EVEN_K)
+  n7, y7 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 7, k_stop, NW, K, EVEN_K)
+  for k0 in range(k_begin, k_stop, STEP):
+    lane_k = k0 + lane0  # [K_LANES, 1] first row of each lane's block
+    c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
+    x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
+    n0, y0 = _row(w_cols, x_row, mask_w, lane_k + STEP, 0, k_stop, NW, K, EVEN_K)
+    n1, y1 = _row(w_cols, x_row, mask_w, lane_k + STEP, 1, k_stop, NW, K, EVEN_K)
+    n2, y2 = _row(w_cols, x_row, mask_w, lane_k + STEP, 2, k_stop, NW, K, EVEN_K)
+    n3, y3 = _row(w_cols, x_row, mask_w, lane_k + STEP, 3, k_stop, NW, K, EVEN_K)
+    n4, y4 = _row(w_cols, x_row, mask_w, lane_k + STEP, 4, k_stop, NW, K, EVEN_K)
+    n5, y5 = _row(w_cols, x_row, mask_w, lane_k + STEP, 5, k_stop, NW, K, EVEN_K)
+    n6, y6 = _row(w_cols, x_row, mask_w, lane_k + STEP, 6, k_stop, NW, K, EVEN_K)
+    n7, y7 = _row(w_cols, x_row, mask_w, lane_k + STEP, 7, k_stop, NW, K, EVEN_K)
+    xsum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+    p0, p1, p2, p3, p4, p5, p6, p7 = _first_row(c0, x0)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c1, x1)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c2, x2)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c3, x3)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c4, x4)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c5, x5)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c6, x6)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c7, x7)
     g = tl.minimum(lane_k, K - 1) // GROUP_SIZE  # [K_LANES, 1]; clamped: a lane may start past K
     scale_rows = scale_cols + g * N
     if HAS_ZP:
