@@ -77,6 +77,20 @@ def _row(w_cols, x_row, mask_w, lane_k, R: tl.constexpr, k_stop, NW: tl.constexp
 
 
 @triton.jit
+def _step_rows(w_cols, x_row, mask_w, lane_k, k_stop, NW: tl.constexpr, K: tl.constexpr, EVEN_K: tl.constexpr):
+  """The 8 rows of a step (lane_k: each lane's first row): their words, then their x."""
+  w0, x0 = _row(w_cols, x_row, mask_w, lane_k, 0, k_stop, NW, K, EVEN_K)
+  w1, x1 = _row(w_cols, x_row, mask_w, lane_k, 1, k_stop, NW, K, EVEN_K)
+  w2, x2 = _row(w_cols, x_row, mask_w, lane_k, 2, k_stop, NW, K, EVEN_K)
+  w3, x3 = _row(w_cols, x_row, mask_w, lane_k, 3, k_stop, NW, K, EVEN_K)
+  w4, x4 = _row(w_cols, x_row, mask_w, lane_k, 4, k_stop, NW, K, EVEN_K)
+  w5, x5 = _row(w_cols, x_row, mask_w, lane_k, 5, k_stop, NW, K, EVEN_K)
+  w6, x6 = _row(w_cols, x_row, mask_w, lane_k, 6, k_stop, NW, K, EVEN_K)
+  w7, x7 = _row(w_cols, x_row, mask_w, lane_k, 7, k_stop, NW, K, EVEN_K)
+  return w0, w1, w2, w3, w4, w5, w6, w7, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _first_row(words, xr):
   """The plane products x * (OFF_J + q_J) of one row of every lane: the p_J of a step's first row."""
   w01 = _pair(words, 0)
@@ -158,26 +172,14 @@ def w4a16_gemv_kernel(
   k_stop = k_begin + K_SPLIT
   # The register pipeline: step i + 1's rows (n*, y*) are loaded before step i's arithmetic on (c*, x*).
   lane0 = lanes * BLOCK_K
-  n0, y0 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 0, k_stop, NW, K, EVEN_K)
-  n1, y1 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 1, k_stop, NW, K, EVEN_K)
-  n2, y2 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 2, k_stop, NW, K, EVEN_K)
-  n3, y3 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 3, k_stop, NW, K, EVEN_K)
-  n4, y4 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 4, k_stop, NW, K, EVEN_K)
-  n5, y5 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 5, k_stop, NW, K, EVEN_K)
-  n6, y6 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 6, k_stop, NW, K, EVEN_K)
-  n7, y7 = _row(w_cols, x_row, mask_w, lane0 + k_begin, 7, k_stop, NW, K, EVEN_K)
+  n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _step_rows(
+      w_cols, x_row, mask_w, lane0 + k_begin, k_stop, NW, K, EVEN_K)
   for k0 in range(k_begin, k_stop, STEP):
     lane_k = k0 + lane0  # [K_LANES, 1] first row of each lane's block
     c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
     x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
-    n0, y0 = _row(w_cols, x_row, mask_w, lane_k + STEP, 0, k_stop, NW, K, EVEN_K)
-    n1, y1 = _row(w_cols, x_row, mask_w, lane_k + STEP, 1, k_stop, NW, K, EVEN_K)
-    n2, y2 = _row(w_cols, x_row, mask_w, lane_k + STEP, 2, k_stop, NW, K, EVEN_K)
-    n3, y3 = _row(w_cols, x_row, mask_w, lane_k + STEP, 3, k_stop, NW, K, EVEN_K)
-    n4, y4 = _row(w_cols, x_row, mask_w, lane_k + STEP, 4, k_stop, NW, K, EVEN_K)
-    n5, y5 = _row(w_cols, x_row, mask_w, lane_k + STEP, 5, k_stop, NW, K, EVEN_K)
-    n6, y6 = _row(w_cols, x_row, mask_w, lane_k + STEP, 6, k_stop, NW, K, EVEN_K)
-    n7, y7 = _row(w_cols, x_row, mask_w, lane_k + STEP, 7, k_stop, NW, K, EVEN_K)
+    n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _step_rows(
+        w_cols, x_row, mask_w, lane_k + STEP, k_stop, NW, K, EVEN_K)
     xsum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
     p0, p1, p2, p3, p4, p5, p6, p7 = _first_row(c0, x0)
     p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c1, x1)
