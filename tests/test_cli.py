@@ -69,6 +69,20 @@ def test_bench_tables_from_results(tmp_path):
   assert (tmp_path / "r.png").stat().st_size > 1000
 
 
+def test_bench_table_flags_rows_below_the_floor():
+  """A time below the floor is noise, not a result: the table says so instead of printing its ratios."""
+  from jw4a16 import bench  # noqa: PLC0415
+
+  row = dict(K=4096, N=6144, M=2, dtype="bfloat16", group_size=128, symmetric=True, us=4.2, xla_bf16_us=25.7,
+             xla_int4_us=66.1, floor_us=4.6)
+  result = dict(card="h100", date="2026-11-25", versions=dict(jax="0", triton="0", jax_triton="0"), copy_TBps=2.8,
+                bf16_TFLOPs=697, rows=[row, dict(row, M=1, us=22.4, below_floor=False)])
+  md = bench.markdown(result)
+  assert "| 4.2 (below the floor: noise) | 25.7 | 66.1 | 4.6 | - | - | - |" in md
+  assert "| 22.4 | 24.4 |" not in md and "| 22.4 | 25.7 | 66.1 | 4.6 | 0.21 | 1.15x | 2.95x |" in md
+  assert "Below the floor: no kernel can be that fast" in md
+
+
 def test_bench_and_tune_refuse_cpu():
   from jw4a16 import bench  # noqa: PLC0415
 
