@@ -23,28 +23,30 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 
 
 def dispatchable(target_name):
-  """(config, K, N) for every config select_config returns on real-model shapes for this target."""
+  """(config, K, N, M) for every config select_config returns on real-model shapes for this target, at the
+  first M that picks it."""
   target = HEURISTIC_TARGET[target_name]
   seen = {}
   for k, n in SHAPES:
     for m in MS:
       if not tuning.use_dequant_gemm(m, target):
-        seen.setdefault(tuning.select_config(m, k, n, 128, "bfloat16", False, target), (k, n))
-  return sorted(((c, k, n) for c, (k, n) in seen.items()), key=str)
+        seen.setdefault(tuning.select_config(m, k, n, 128, "bfloat16", False, target), (k, n, m))
+  return sorted(((c, k, n, m) for c, (k, n, m) in seen.items()), key=str)
 
 
-JOBS = {t: [(c, k, n, g, dtype, zp) for c, k, n in dispatchable(t)
+# The last field: M == 1, which jax-triton compiles as the constexpr 1 (the decode kernels).
+JOBS = {t: [(c, k, n, g, dtype, zp, m == 1) for c, k, n, m in dispatchable(t)
             for g, dtype, zp in ((128, "bfloat16", False), (128, "float16", True))] +
            [(tuning.legalize(tuning.select_config(16, 4096, 6144, g, "bfloat16", True, HEURISTIC_TARGET[t]), 4096, g),
-             4096, 6144, g, "bfloat16", True) for g in (32, 64, 256, 4096)]
+             4096, 6144, g, "bfloat16", True, False) for g in (32, 64, 256, 4096)]
         for t in TARGETS}
 
 
 @functools.cache
 def reports(target):
   jobs = [dict(meta=c.meta(), n=n, k=k, group_size=g, dtype=dtype, has_zp=zp, num_warps=c.num_warps,
-               num_stages=c.num_stages, amd_options=c.amd_options(), kernel=c.kernel)
-          for c, k, n, g, dtype, zp in JOBS[target]]
+               num_stages=c.num_stages, amd_options=c.amd_options(), kernel=c.kernel, m_is_one=m1)
+          for c, k, n, g, dtype, zp, m1 in JOBS[target]]
   env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
   res = subprocess.run([sys.executable, "-m", "jw4a16.kernels.compile", target], input=json.dumps(jobs),
                        capture_output=True, text=True, env=env, timeout=900)
@@ -58,7 +60,7 @@ CASES = [(t, i) for t in TARGETS for i in range(len(JOBS[t]))]
 @pytest.mark.parametrize("target,i", CASES,
                          ids=[f"{t}-{JOBS[t][i][0]}-g{JOBS[t][i][3]}-{JOBS[t][i][4]}" for t, i in CASES])
 def test_compiles_within_limits(target, i):
-  cfg, k, n, g, dtype, zp = JOBS[target][i]
+  cfg, k, n, g, dtype, zp, _ = JOBS[target][i]
   rep = reports(target)[i]
   assert "error" not in rep, rep.get("error")
   assert rep["shared"] <= SHARED_LIMIT[target], rep
