@@ -67,10 +67,9 @@ class KernelConfig:
       raise ValueError(f"KernelConfig.k_lanes={self.k_lanes} must be a power of two, > 1 only for kernel 'gemv'")
     if self.kernel == "tile" and self.block_m not in (1,) and self.block_m < 16:
       raise ValueError(f"KernelConfig.block_m={self.block_m}: tl.dot needs >= 16 (or 1 for the GEMV body)")
-    min_k = 1 if self.kernel == "gemv" else 16
-    if self.block_n < 16 or self.block_k < min_k:
+    if self.block_n < 16 or (self.kernel == "tile" and self.block_k < 16):  # gemv's block_k is checked above
       raise ValueError(f"KernelConfig block_n={self.block_n}, block_k={self.block_k} must be >= 16 "
-                       f"(block_k >= {min_k} for kernel {self.kernel!r})")
+                       f"(block_k: for kernel 'tile')")
     if self.split_k < 1:
       raise ValueError(f"KernelConfig.split_k={self.split_k} must be >= 1")
 

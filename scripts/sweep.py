@@ -48,8 +48,7 @@ def launch(cfg, x, qw, s, qz, g):
   partials = torch.empty(partials, dtype=torch.float32, device=x.device)
   locks = torch.zeros(locks, dtype=torch.int32, device=x.device)
   KERNELS[cfg.kernel][cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, partials, locks, N=n, K=k,
-                                      GROUP_SIZE=g,
-                                      HAS_ZP=qz is not None, ZP_BIAS=8, num_warps=cfg.num_warps,
+                                      GROUP_SIZE=g, HAS_ZP=qz is not None, ZP_BIAS=8, num_warps=cfg.num_warps,
                                       num_stages=cfg.num_stages, **cfg.meta())
   return out
 

@@ -94,9 +94,9 @@ def report(target: str, compiled) -> CompileReport:
 def main(argv=None):
   """python -m jw4a16.kernels.compile TARGET < JSON list of jobs: prints one JSON report per job.
 
-  A job is {"meta": {...}, "n", "k", "group_size", "dtype", "has_zp", "num_warps", "num_stages", "kernel"}.
-  A separate process, because under TRITON_INTERPRET=1 (the CPU test runs) @triton.jit builds interpreter functions that
-  triton.compile cannot take.
+  A job is {"meta": {...}} plus compile_kernel's keyword arguments ("n", "k", "group_size", "dtype", "has_zp",
+  "num_warps", "num_stages", "amd_options", "kernel", "m_is_one", ...).  A separate process, because under
+  TRITON_INTERPRET=1 (the CPU test runs) @triton.jit builds interpreter functions that triton.compile cannot take.
   """
   import json  # noqa: PLC0415
   import sys  # noqa: PLC0415
