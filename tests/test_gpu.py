@@ -123,3 +123,22 @@ def test_llama_logits_on_gpu(name):
   assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2
   r = m.generate(np.array([fx["input_ids"]]), 8)
   assert r.tokens.shape == (1, 8)
+
+
+@pytest.mark.parametrize("cfg", [None, SPLIT_CONFIGS[0], SPLIT_CONFIGS[2]], ids=str)
+def test_ffi_and_legacy_launchers_agree(monkeypatch, cfg):
+  """Both launchers run the same compiled kernel: bitwise equal outputs, and each lowers to its own target."""
+  from jw4a16 import launch  # noqa: PLC0415
+
+  k, n = 4096, 1024
+  qw, s, qz, _, _ = make_weights(k, n, 128, symmetric=False)
+  x = make_x((3, k))
+  outs = {}
+  for launcher in ("ffi", "legacy"):
+    monkeypatch.setenv(launch.LAUNCHER_ENV, launcher)
+    f = jax.jit(lambda x, qw: jw4a16.w4a16_matmul(x, qw, s, qz, group_size=128, config=cfg, backend="triton"))
+    text = f.lower(x, qw).as_text()
+    target = launch.FFI_TARGET if launcher == "ffi" else launch.LEGACY_TARGET
+    assert f"@{target}(" in text, text[:2000]
+    outs[launcher] = np.asarray(f(x, qw)).view(np.uint16)
+  assert (outs["ffi"] == outs["legacy"]).all()

@@ -361,6 +361,14 @@ class LlamaModel:
     self._forward = jax.jit(lambda p, ids: self.module.apply({"params": p}, ids)[0])
     self._step = jax.jit(lambda p, ids, cache, index: self.module.apply({"params": p}, ids, cache, index),
                          donate_argnums=(2,))
+    self._decode = jax.jit(self._decode_step, donate_argnums=(2,), static_argnums=(5, 6, 7))
+
+  def _decode_step(self, params, tok, cache, index, key, temperature, top_k, top_p):
+    """One decode step with its sampling: the next tokens [B] come out on the device, so the host can queue
+    the following step before it reads them."""
+    logits, cache = self.module.apply({"params": params}, tok[:, None], cache, index)
+    key, sub = jax.random.split(key)
+    return sample(logits[:, -1], sub, temperature, top_k, top_p), cache, key
 
   def __call__(self, input_ids):
     return self._forward(self.params, jnp.asarray(input_ids, jnp.int32))
@@ -387,16 +395,17 @@ class LlamaModel:
     tok.block_until_ready()
     prefill_s = time.perf_counter() - start
     out = [tok]
-    if on_token:
-      on_token(0, np.asarray(tok))
     start = time.perf_counter()
+    # Step i is queued before token i - 1 is read back (for on_token): the GPU never waits for the host, and
+    # with the FFI launcher (jw4a16.launch) the host's work for a step overlaps the previous step's kernels.
     for i in range(1, max_new_tokens):
-      logits, cache = self._step(self.params, tok[:, None], cache, np.int32(t + i - 1))
-      key, sub = jax.random.split(key)
-      tok = sample(logits[:, -1], sub, temperature, top_k, top_p)
-      out.append(tok)
+      nxt, cache, key = self._decode(self.params, tok, cache, np.int32(t + i - 1), key, temperature, top_k, top_p)
       if on_token:
-        on_token(i, np.asarray(tok))
+        on_token(i - 1, np.asarray(tok))
+      tok = nxt
+      out.append(tok)
+    if on_token:
+      on_token(max_new_tokens - 1, np.asarray(tok))
     tokens = np.asarray(jnp.stack(out, axis=1))
     decode_s = time.perf_counter() - start
     return GenerateResult(tokens, b * t / prefill_s, b * (max_new_tokens - 1) / decode_s if max_new_tokens > 1

@@ -1,0 +1,101 @@
+"""How the Triton kernels are launched from XLA: jax-triton's compiled kernel, as an FFI call CUDA graphs capture.
+
+jax-triton 0.3.1 lowers `triton_call` to the legacy custom call `triton_kernel_call` (api_version 2).  XLA's
+command buffers (CUDA graphs) capture fusions and FFI handlers marked command-buffer compatible, never legacy
+custom calls, so every legacy Triton launch goes out from the host and cuts the graphs around it into pieces: the
+Llama-3-8B decode step was bound by the host for it (docs/performance.md, session 3).  jaxlib after 0.10.2 also
+registers `triton_kernel_call_ffi`: the same launcher (the same zlib-compressed kernel-call proto, as attribute
+`opaque`) as an FFI handler with the kCmdBufferCompatible trait; JAX's Pallas Triton backend emits it.
+
+`triton_call` here takes jax-triton's arguments and lowers through jax-triton itself (same compilation, same
+proto, same kernel binary), then retargets the emitted custom call to the FFI handler: launcher "ffi".  Launcher
+"legacy" leaves jax-triton's call as it is.  Chosen at lowering time: `JW4A16_LAUNCHER` = "auto" (default: "ffi"
+on CUDA with a jaxlib that has the handler, "legacy" elsewhere: ROCm is untested with it), "ffi" or "legacy".
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+from jax import tree_util
+from jax.interpreters import mlir
+
+LAUNCHERS = ("auto", "ffi", "legacy")
+LAUNCHER_ENV = "JW4A16_LAUNCHER"
+FFI_TARGET = "triton_kernel_call_ffi"
+LEGACY_TARGET = "triton_kernel_call"
+
+
+def resolve_launcher(platform: str) -> str:
+  """'ffi' or 'legacy' for a lowering on `platform` ('cuda' or 'rocm'), from $JW4A16_LAUNCHER."""
+  choice = os.environ.get(LAUNCHER_ENV, "auto")
+  if choice not in LAUNCHERS:
+    raise ValueError(f"${LAUNCHER_ENV}={choice!r} must be one of {LAUNCHERS}")
+  if choice != "auto":
+    return choice
+  from jax._src.lib import version as jaxlib_version  # noqa: PLC0415 - private: no public version tuple
+
+  return "ffi" if platform == "cuda" and tuple(jaxlib_version) > (0, 10, 2) else "legacy"
+
+
+def retarget_to_ffi(op) -> None:
+  """Turns jax-triton's legacy `triton_kernel_call` (backend_config = the compressed proto) into the FFI call."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+
+  name = ir.StringAttr(op.attributes["call_target_name"]).value
+  if name == FFI_TARGET:  # a jax-triton that already emits the FFI call
+    return
+  if name != LEGACY_TARGET:
+    raise RuntimeError(f"jax-triton emitted custom call {name!r}; expected {LEGACY_TARGET!r} or {FFI_TARGET!r}")
+  opaque = ir.StringAttr(op.attributes["backend_config"]).value_bytes
+  with op.context:
+    op.attributes["call_target_name"] = ir.StringAttr.get(FFI_TARGET)
+    op.attributes["api_version"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), 4)
+    op.attributes["backend_config"] = ir.DictAttr.get({"opaque": ir.StringAttr.get(opaque)})
+
+
+@functools.cache
+def _primitive():
+  """A primitive with jax-triton's parameters and abstract eval, lowered by jax-triton and then retargeted."""
+  import jax.extend as jex  # noqa: PLC0415
+  from jax.interpreters import xla  # noqa: PLC0415
+  from jax_triton import triton_lib as jtl  # noqa: PLC0415 - lazily: needs a GPU jaxlib
+
+  prim = jex.core.Primitive("jw4a16_triton_kernel_call")
+  prim.multiple_results = True
+  prim.def_impl(functools.partial(xla.apply_primitive, prim))
+  prim.def_abstract_eval(jtl.triton_kernel_call_abstract_eval)
+
+  def lowering(backend_init, platform, ctx, *args, **params):
+    results = jtl.triton_kernel_call_lowering(backend_init, ctx, *args, **params)
+    if resolve_launcher(platform) == "ffi":
+      retarget_to_ffi(results[0].owner)
+    return results
+
+  mlir.register_lowering(prim, functools.partial(lowering, jtl.get_cuda_backend, "cuda"), platform="cuda")
+  mlir.register_lowering(prim, functools.partial(lowering, jtl.get_hip_backend, "rocm"), platform="rocm")
+  return prim
+
+
+def triton_call(*args, kernel, out_shape, grid, name: str = "", num_warps: int | None = None,
+                num_stages: int | None = None, zeroed_outputs=(), **metaparams):
+  """`jax_triton.triton_call` (same arguments: arrays, then Python scalars; out_shape a sequence of
+  ShapeDtypeStructs; constexprs as keywords) through the launcher above.  Returns the list of outputs."""
+  from jax_triton import triton_lib as jtl  # noqa: PLC0415
+
+  array_args, scalar_args = [], []
+  for i, arg in enumerate(args):
+    if isinstance(arg, (bool, int, float)):
+      scalar_args.append((i, jtl.get_triton_type(arg), arg))
+    else:
+      array_args.append(arg)
+  flat_out, out_tree = tree_util.tree_flatten(
+      tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), list(out_shape)))
+  out = _primitive().bind(
+      *array_args, fn=kernel, scalar_args=tuple(scalar_args), name=name, custom_call_target_name=LEGACY_TARGET,
+      out_shapes=tuple(flat_out), grid=grid, num_warps=num_warps, num_stages=num_stages, num_ctas=1,
+      compute_capability=None, enable_fp_fusion=True, input_output_aliases=(), zeroed_outputs=zeroed_outputs,
+      debug=False, serialized_metadata=b"", **metaparams)
+  return tree_util.tree_unflatten(out_tree, out)

@@ -1,0 +1,71 @@
+"""The launcher choice and the retargeting of jax-triton's legacy custom call to jaxlib's FFI Triton handler."""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.lib.mlir import ir
+
+from jw4a16 import launch
+
+
+@pytest.mark.parametrize(("env", "platform", "want"), [
+    ("ffi", "rocm", "ffi"), ("legacy", "cuda", "legacy"), ("auto", "rocm", "legacy"), (None, "rocm", "legacy")])
+def test_resolve_launcher(monkeypatch, env, platform, want):
+  if env is None:
+    monkeypatch.delenv(launch.LAUNCHER_ENV, raising=False)
+  else:
+    monkeypatch.setenv(launch.LAUNCHER_ENV, env)
+  assert launch.resolve_launcher(platform) == want
+
+
+def test_resolve_launcher_auto_on_cuda_follows_jaxlib(monkeypatch):
+  from jax._src.lib import version  # noqa: PLC0415
+
+  monkeypatch.setenv(launch.LAUNCHER_ENV, "auto")
+  assert launch.resolve_launcher("cuda") == ("ffi" if tuple(version) > (0, 10, 2) else "legacy")
+
+
+def test_resolve_launcher_rejects_unknown(monkeypatch):
+  monkeypatch.setenv(launch.LAUNCHER_ENV, "graph")
+  with pytest.raises(ValueError, match=r"JW4A16_LAUNCHER='graph' must be one of \('auto', 'ffi', 'legacy'\)"):
+    launch.resolve_launcher("cuda")
+
+
+def _custom_calls(target: str, blob: bytes):
+  """The lowered module of one legacy (api_version 2) custom call carrying `blob`, and its custom_call ops."""
+  def f(x):
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape, x.dtype), custom_call_api_version=2,
+                            legacy_backend_config=blob)(x)
+
+  module = jax.jit(f).lower(jnp.ones(4)).compiler_ir("stablehlo")
+  found = []
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for o in block.operations:
+          if o.operation.name == "stablehlo.custom_call":
+            found.append(o.operation)
+          walk(o.operation)
+
+  walk(module.operation)
+  return module, found
+
+
+def test_retarget_to_ffi_keeps_the_proto_bytes():
+  blob = zlib.compress(bytes(range(256)) * 3)  # every byte value: the attribute must carry raw bytes
+  _, (op,) = _custom_calls(launch.LEGACY_TARGET, blob)
+  launch.retarget_to_ffi(op)
+  assert ir.StringAttr(op.attributes["call_target_name"]).value == launch.FFI_TARGET
+  assert ir.IntegerAttr(op.attributes["api_version"]).value == 4
+  assert ir.StringAttr(ir.DictAttr(op.attributes["backend_config"])["opaque"]).value_bytes == blob
+  launch.retarget_to_ffi(op)  # already the FFI call: left as it is
+  assert ir.StringAttr(ir.DictAttr(op.attributes["backend_config"])["opaque"]).value_bytes == blob
+
+
+def test_retarget_to_ffi_refuses_other_calls():
+  _, (op,) = _custom_calls("my_kernel", b"x")
+  with pytest.raises(RuntimeError, match="jax-triton emitted custom call 'my_kernel'"):
+    launch.retarget_to_ffi(op)
