@@ -1,4 +1,4 @@
-"""How the Triton kernels are launched from XLA: jax-triton's compiled kernel, as an FFI call CUDA graphs capture.
+"""How the Triton kernels are launched from XLA: jax-triton's custom call, or the same kernel as an FFI call.
 
 jax-triton 0.3.1 lowers `triton_call` to the legacy custom call `triton_kernel_call` (api_version 2).  XLA's
 command buffers (CUDA graphs) capture fusions and FFI handlers marked command-buffer compatible, never legacy
@@ -8,9 +8,13 @@ registers `triton_kernel_call_ffi`: the same launcher (the same zlib-compressed 
 `opaque`) as an FFI handler with the kCmdBufferCompatible trait; JAX's Pallas Triton backend emits it.
 
 `triton_call` here takes jax-triton's arguments and lowers through jax-triton itself (same compilation, same
-proto, same kernel binary), then retargets the emitted custom call to the FFI handler: launcher "ffi".  Launcher
-"legacy" leaves jax-triton's call as it is.  Chosen at lowering time: `JW4A16_LAUNCHER` = "auto" (default: "ffi"
-on CUDA with a jaxlib that has the handler, "legacy" elsewhere: ROCm is untested with it), "ffi" or "legacy".
+proto, same kernel binary).  Launcher "legacy" (the default) leaves jax-triton's call as it is; launcher
+"ffi" retargets it to the FFI handler, so XLA records the launches into its graphs.  Measured on H100
+(docs/performance.md, session 5), "ffi" is not faster: the whole decode step becomes one graph, and in a profiler
+trace its cuGraphLaunch took 2.8 ms of host time (~700 nodes) and the FFI calls' per-run initialization 1.4 ms a
+step; a pipelined decode loop ran at the same speed with either launcher, and a step the host waits for ran
+slower with "ffi".  Chosen at lowering time: `JW4A16_LAUNCHER` = "legacy" or "ffi" (CUDA only: ROCm is
+untested with it and keeps "legacy").
 """
 
 from __future__ import annotations
@@ -22,22 +26,18 @@ import jax
 from jax import tree_util
 from jax.interpreters import mlir
 
-LAUNCHERS = ("auto", "ffi", "legacy")
+LAUNCHERS = ("legacy", "ffi")
 LAUNCHER_ENV = "JW4A16_LAUNCHER"
 FFI_TARGET = "triton_kernel_call_ffi"
 LEGACY_TARGET = "triton_kernel_call"
 
 
-def resolve_launcher(platform: str) -> str:
-  """'ffi' or 'legacy' for a lowering on `platform` ('cuda' or 'rocm'), from $JW4A16_LAUNCHER."""
-  choice = os.environ.get(LAUNCHER_ENV, "auto")
+def resolve_launcher() -> str:
+  """'legacy' (default) or 'ffi', from $JW4A16_LAUNCHER."""
+  choice = os.environ.get(LAUNCHER_ENV, "legacy")
   if choice not in LAUNCHERS:
     raise ValueError(f"${LAUNCHER_ENV}={choice!r} must be one of {LAUNCHERS}")
-  if choice != "auto":
-    return choice
-  from jax._src.lib import version as jaxlib_version  # noqa: PLC0415 - private: no public version tuple
-
-  return "ffi" if platform == "cuda" and tuple(jaxlib_version) > (0, 10, 2) else "legacy"
+  return choice
 
 
 def retarget_to_ffi(op) -> None:
@@ -68,14 +68,14 @@ def _primitive():
   prim.def_impl(functools.partial(xla.apply_primitive, prim))
   prim.def_abstract_eval(jtl.triton_kernel_call_abstract_eval)
 
-  def lowering(backend_init, platform, ctx, *args, **params):
+  def lowering(backend_init, ctx, *args, **params):
     results = jtl.triton_kernel_call_lowering(backend_init, ctx, *args, **params)
-    if resolve_launcher(platform) == "ffi":
+    if backend_init is jtl.get_cuda_backend and resolve_launcher() == "ffi":
       retarget_to_ffi(results[0].owner)
     return results
 
-  mlir.register_lowering(prim, functools.partial(lowering, jtl.get_cuda_backend, "cuda"), platform="cuda")
-  mlir.register_lowering(prim, functools.partial(lowering, jtl.get_hip_backend, "rocm"), platform="rocm")
+  mlir.register_lowering(prim, functools.partial(lowering, jtl.get_cuda_backend), platform="cuda")
+  mlir.register_lowering(prim, functools.partial(lowering, jtl.get_hip_backend), platform="rocm")
   return prim
 
 

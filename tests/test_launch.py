@@ -10,27 +10,19 @@ from jax._src.lib.mlir import ir
 from jw4a16 import launch
 
 
-@pytest.mark.parametrize(("env", "platform", "want"), [
-    ("ffi", "rocm", "ffi"), ("legacy", "cuda", "legacy"), ("auto", "rocm", "legacy"), (None, "rocm", "legacy")])
-def test_resolve_launcher(monkeypatch, env, platform, want):
+@pytest.mark.parametrize(("env", "want"), [("ffi", "ffi"), ("legacy", "legacy"), (None, "legacy")])
+def test_resolve_launcher(monkeypatch, env, want):
   if env is None:
     monkeypatch.delenv(launch.LAUNCHER_ENV, raising=False)
   else:
     monkeypatch.setenv(launch.LAUNCHER_ENV, env)
-  assert launch.resolve_launcher(platform) == want
-
-
-def test_resolve_launcher_auto_on_cuda_follows_jaxlib(monkeypatch):
-  from jax._src.lib import version  # noqa: PLC0415
-
-  monkeypatch.setenv(launch.LAUNCHER_ENV, "auto")
-  assert launch.resolve_launcher("cuda") == ("ffi" if tuple(version) > (0, 10, 2) else "legacy")
+  assert launch.resolve_launcher() == want
 
 
 def test_resolve_launcher_rejects_unknown(monkeypatch):
   monkeypatch.setenv(launch.LAUNCHER_ENV, "graph")
-  with pytest.raises(ValueError, match=r"JW4A16_LAUNCHER='graph' must be one of \('auto', 'ffi', 'legacy'\)"):
-    launch.resolve_launcher("cuda")
+  with pytest.raises(ValueError, match=r"JW4A16_LAUNCHER='graph' must be one of \('legacy', 'ffi'\)"):
+    launch.resolve_launcher()
 
 
 def _custom_calls(target: str, blob: bytes):

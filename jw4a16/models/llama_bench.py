@@ -5,8 +5,8 @@ model in bf16, built in memory (nothing to download), in one run.
 
 Decode tokens/s at batch 1 and 16, two ways: a step at a time (median time of one jitted decode step that the
 host waits for, cache preallocated and donated) and pipelined (`--steps` greedy steps queued back to back, the
-next token sampled inside the step, as `LlamaModel.generate` runs); prefill tokens/s at 2048 tokens (batch 1).  Layers unrolled as `load` builds
-them (--scan: one scanned layer over stacked weights).
+next token sampled inside the step, as `LlamaModel.generate` runs); prefill tokens/s at 2048 tokens (batch 1).
+Layers unrolled as `load` builds them (--scan: one scanned layer over stacked weights).
 """
 
 from __future__ import annotations
