@@ -28,8 +28,8 @@ class KernelConfig:
   """Which kernel, its tile shape and launch parameters.
 
   kernel "tile" is w4a16_gemm_kernel (tl.dot on tensor cores for block_m >= 16; block_m == 1 is its older GEMV
-  body); kernel "gemv" is w4a16_gemv_kernel (one row of x per program, fp32 FMAs over word planes, block_m 1,
-  the program's K range cut into k_lanes interleaved lanes of block_k rows).  split_k > 1 splits K over that
+  body); kernel "gemv" is w4a16_gemv_kernel (block_m = 1 or 2 rows of x per program, fp32 FMAs over word
+  planes, the program's K range cut into k_lanes interleaved lanes of block_k rows).  split_k > 1 splits K over that
   many programs per tile, whose fp32 partials the last one to finish sums (kernels/splitk.py).  num_warps
   counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
   """
@@ -58,8 +58,8 @@ class KernelConfig:
       v = getattr(self, f)
       if v < 1 or v & (v - 1):
         raise ValueError(f"KernelConfig.{f}={v} must be a power of two")
-    if self.kernel == "gemv" and self.block_m != 1:
-      raise ValueError(f"KernelConfig.block_m={self.block_m}: the gemv kernel takes one row of x per program (1)")
+    if self.kernel == "gemv" and self.block_m not in (1, 2):
+      raise ValueError(f"KernelConfig.block_m={self.block_m}: the gemv kernel takes 1 or 2 rows of x per program")
     if self.kernel == "gemv" and self.block_k != GEMV_BLOCK_K:
       raise ValueError(f"KernelConfig.block_k={self.block_k}: the gemv kernel's register pipeline carries "
                        f"{GEMV_BLOCK_K} rows per lane and step (block_k={GEMV_BLOCK_K})")
@@ -76,7 +76,8 @@ class KernelConfig:
   def meta(self) -> dict:
     """The kernel's constexpr tile parameters."""
     if self.kernel == "gemv":
-      return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k, K_LANES=self.k_lanes)
+      return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k, K_LANES=self.k_lanes,
+                  ROWS=self.block_m)
     return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
                 GROUP_M=self.group_m, UNPACK=self.unpack)
 
@@ -84,8 +85,6 @@ class KernelConfig:
     return dict(waves_per_eu=self.waves_per_eu, matrix_instr_nonkdim=self.matrix_instr_nonkdim, kpack=self.kpack)
 
   def grid(self, m: int, n: int) -> tuple[int, int]:
-    if self.kernel == "gemv":
-      return (m * math.ceil(n / self.block_n), self.split_k)
     return (math.ceil(m / self.block_m) * math.ceil(n / self.block_n), self.split_k)
 
   def scratch_shapes(self, m: int, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -166,12 +165,12 @@ def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
   until about 4 programs per SM, at most 32 ways: the last program of a tile reads every split's partial, so
   deep splits cost a longer tail (the session-3 sweep's best configs on the Llama-3-8B shapes, M = 1)."""
   del group_size  # select_config legalizes block_k against it
-  bn, bk, lanes = 256, GEMV_BLOCK_K, 16
-  tiles = m * math.ceil(n / bn)
+  bn, bk, lanes, rows = 256, GEMV_BLOCK_K, 16, min(m, 2)
+  tiles = math.ceil(m / rows) * math.ceil(n / bn)
   split = 1
   while tiles * split < 4 * target.num_sms and split < 32 and k // (split * 2) >= bk * lanes:
     split *= 2
-  return gemv_config(bn, bk, lanes, split, target)
+  return gemv_config(bn, bk, lanes, split, target, rows=rows)
 
 
 def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H100,
@@ -296,29 +295,30 @@ def select_config(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: b
 
 
 def gemv_config(block_n: int, block_k: int, k_lanes: int, split_k: int, target: Target = H100,
-                num_stages: int = 1) -> KernelConfig:
+                num_stages: int = 1, rows: int = 1) -> KernelConfig:
   """A gemv config whose warps exactly cover its [k_lanes, block_n // 8] word tile at 4 words (16 bytes) a
-  thread: num_warps = k_lanes * block_n / (32 * warp_size)."""
+  thread: num_warps = k_lanes * block_n / (32 * warp_size); `rows` (1 or 2) rows of x per program."""
   warps = k_lanes * block_n // (32 * target.warp_size)
   if warps < 1:
     raise ValueError(f"gemv tile k_lanes={k_lanes} x block_n={block_n} is smaller than one warp of "
                      f"{target.warp_size} threads at 4 words each")
-  return KernelConfig(1, block_n, block_k, split_k=split_k, num_warps=warps, num_stages=num_stages, kernel="gemv",
-                      k_lanes=k_lanes)
+  return KernelConfig(rows, block_n, block_k, split_k=split_k, num_warps=warps, num_stages=num_stages,
+                      kernel="gemv", k_lanes=k_lanes)
 
 
 def gemv_candidates(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:
-  """gemv tiles of 1-8 warps, split along K to about 1-8 programs per SM."""
+  """gemv tiles of 1-8 warps, 1 or 2 rows of x per program (2 from M = 2), split along K to about 1-8
+  programs per SM."""
   out = []
-  for bn, lanes in itertools.product((256, 512, 1024, 2048), (1, 2, 4, 8, 16)):
+  for rows, bn, lanes in itertools.product((1, 2) if m >= 2 else (1,), (256, 512, 1024, 2048), (1, 2, 4, 8, 16)):
     warps = lanes * bn // (32 * target.warp_size)
     if not 1 <= warps <= 8:
       continue
-    tiles = m * math.ceil(n / bn)
+    tiles = math.ceil(m / rows) * math.ceil(n / bn)
     for split in (1, 2, 4, 8, 16, 32, 64):
       if k // split < GEMV_BLOCK_K * lanes or not target.num_sms <= tiles * split <= 8 * target.num_sms:
         continue
-      out.append(gemv_config(bn, GEMV_BLOCK_K, lanes, split, target))
+      out.append(gemv_config(bn, GEMV_BLOCK_K, lanes, split, target, rows=rows))
   return [legalize(c, k, group_size) for c in out]
 
 

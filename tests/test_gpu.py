@@ -91,6 +91,7 @@ def test_gemv_configs(cfg, dtype, symmetric, kng):
 
 
 SPLIT_CONFIGS = [tuning.gemv_config(512, 8, 4, 32), tuning.gemv_config(512, 8, 2, 7),
+                 tuning.gemv_config(256, 8, 16, 16, rows=2),
                  tuning.KernelConfig(16, 128, 64, split_k=32), tuning.KernelConfig(64, 64, 128, split_k=5)]
 
 
@@ -142,3 +143,16 @@ def test_ffi_and_legacy_launchers_agree(monkeypatch, cfg):
     assert f"@{target}(" in text, text[:2000]
     outs[launcher] = np.asarray(f(x, qw)).view(np.uint16)
   assert (outs["ffi"] == outs["legacy"]).all()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gemv_two_rows_per_program(m, symmetric):
+  """Two rows of x per gemv program, odd M included (the last program's second row is computed, not stored)."""
+  k, n = 4096, 1000
+  qw, s, qz, _, w = make_weights(k, n, 128, symmetric=symmetric)
+  x = make_x((m, k))
+  cfg = tuning.gemv_config(256, 8, 16, 8, rows=2)
+  out = jax.jit(lambda x: jw4a16.w4a16_matmul(x, qw, s, qz, group_size=128, config=cfg, backend="triton"))(x)
+  assert out.shape == (m, n)
+  assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")

@@ -59,6 +59,8 @@ GEMV_CONFIGS = [
     tuning.gemv_config(1024, 8, 1, 1),
     tuning.gemv_config(256, 8, 16, 5),  # splits past K
     tuning.gemv_config(512, 8, 4, 1, tuning.MI300X),  # 64-wide wavefronts
+    tuning.gemv_config(256, 8, 4, 1, rows=2),  # two rows of x per program; M = 3 leaves the last one alone
+    tuning.gemv_config(512, 8, 2, 3, rows=2),  # ... with an uneven split
 ]
 
 

@@ -9,8 +9,8 @@ from jw4a16 import tuning
 
 
 def test_gemv_config_validation():
-  with pytest.raises(ValueError, match="one row of x"):
-    tuning.KernelConfig(2, 512, 8, kernel="gemv")
+  with pytest.raises(ValueError, match="block_m=4: the gemv kernel takes 1 or 2 rows of x per program"):
+    tuning.KernelConfig(4, 512, 8, kernel="gemv")
   with pytest.raises(ValueError, match="k_lanes=4 .* only for kernel 'gemv'"):
     tuning.KernelConfig(16, 64, 64, k_lanes=4)
   with pytest.raises(ValueError, match="k_lanes=3"):
@@ -28,8 +28,19 @@ def test_gemv_config_warps_cover_the_tile(target):
   """num_warps = k_lanes * block_n / (32 * warp size): every thread loads 4 distinct words."""
   cfg = tuning.gemv_config(1024, 8, 4, 2, target)
   assert cfg.num_warps * target.warp_size * 4 == cfg.k_lanes * cfg.block_n // 8
-  assert cfg.meta() == dict(BLOCK_N=1024, BLOCK_K=8, SPLIT_K=2, K_LANES=4)
+  assert cfg.meta() == dict(BLOCK_N=1024, BLOCK_K=8, SPLIT_K=2, K_LANES=4, ROWS=1)
   assert cfg.grid(3, 2500) == (3 * 3, 2)  # one program per row of x and tile
+  two = tuning.gemv_config(1024, 8, 4, 2, target, rows=2)
+  assert two.meta()["ROWS"] == 2 and two.num_warps == cfg.num_warps
+  assert two.grid(3, 2500) == (2 * 3, 2)  # rows 0-1 and 2 (alone) of x, per tile
+
+
+def test_m2_picks_two_rows_per_program():
+  """At M = 2 the gemv kernel unpacks each weight once for both rows (the shipped table and the heuristic)."""
+  for k, n in [(4096, 6144), (14336, 4096), (4096, 4096)]:  # the last is not in the table: heuristic
+    cfg = tuning.select_config(2, k, n, 128, "bfloat16", False, tuning.H100)
+    assert cfg.kernel == "gemv" and cfg.block_m == 2, cfg
+  assert tuning.select_config(1, 4096, 4096, 128, "bfloat16", False, tuning.H100).block_m == 1
 
 
 @pytest.mark.parametrize("m", [1, 2, 4])

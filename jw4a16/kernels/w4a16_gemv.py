@@ -19,10 +19,14 @@ The offset costs precision that fp32 has to spare: the sum over a step carries O
 5 of fp32's 24 bits, far below the bf16 output's 8.  The loop is software-pipelined in registers: the 8 rows of
 the next step are loaded before the current step's arithmetic, so every warp has its next loads in flight while
 it computes (on H100, M = 1: 14336x4096 23.0 -> 19.9 us, 8192x57344 125 -> 114 us; docs/performance.md).
+With ROWS = 2 a program takes two rows of x: the planes of each word are built once and feed both rows' FMAs,
+so the second row costs FMAs only (H100, M = 2: 1.2 - 1.5x faster than one program per row; 255 registers,
+no spills).
 
 Same arguments, layout and split-K epilogue as w4a16_gemm_kernel (kernels/w4a16_gemm.py): x, qweight,
 scales, qzeros, M, then out [M, N] in x's dtype, the fp32 partials workspace and the arrival counters.
-Constexprs: N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_N, BLOCK_K, SPLIT_K, K_LANES (tuning.KernelConfig.meta).
+Constexprs: N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_N, BLOCK_K, SPLIT_K, K_LANES, ROWS
+(tuning.KernelConfig.meta; ROWS is its block_m).
 """
 
 import triton
@@ -50,14 +54,24 @@ def _plane(moved, J: tl.constexpr):
 
 
 @triton.jit
-def _correct(acc, p, xsum, scale_rows, mask_w, zw, J: tl.constexpr, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr):
-  """acc += s_J * (p - (OFF_J + z_J) * sum_k x): plane J's group correction, once per K step and lane."""
+def _scale(scale_rows, mask_w, J: tl.constexpr):
+  """s_J [K_LANES, BNW]: plane J's group scales (column 8w + J of each lane's group row)."""
+  return tl.load(scale_rows + J, mask=mask_w, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _zero(zw, J: tl.constexpr, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr):
+  """OFF_J + z_J: the value _plane's OFF_J + q_J must be corrected by."""
   off: tl.constexpr = 256.0 if J % 2 == 0 else 16.0
-  s = tl.load(scale_rows + J, mask=mask_w, other=0.0).to(tl.float32)
   if HAS_ZP:
-    z = off + ((zw >> (4 * J)) & 0xF).to(tl.float32)
+    return off + ((zw >> (4 * J)) & 0xF).to(tl.float32)
   else:
-    z = off + ZP_BIAS
+    return off + ZP_BIAS
+
+
+@triton.jit
+def _correct(acc, p, xsum, s, z):
+  """acc += s_J * (p - (OFF_J + z_J) * sum_k x): plane J's group correction, once per K step and lane."""
   return acc + (p - z * xsum) * s
 
 
@@ -77,6 +91,17 @@ def _row(w_cols, x_row, mask_w, lane_k, R: tl.constexpr, k_stop, NW: tl.constexp
 
 
 @triton.jit
+def _x(x_row, lane_k, R: tl.constexpr, k_stop, K: tl.constexpr, EVEN_K: tl.constexpr):
+  """x [K_LANES, 1] of row R of every lane's block, for a second row of x (same masks as _row)."""
+  k = lane_k + R
+  if EVEN_K:
+    live = k < k_stop
+  else:
+    live = (k < k_stop) & (k < K)
+  return tl.load(x_row + k, mask=live, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _step_rows(w_cols, x_row, mask_w, lane_k, k_stop, NW: tl.constexpr, K: tl.constexpr, EVEN_K: tl.constexpr):
   """The 8 rows of a step (lane_k: each lane's first row): their words, then their x."""
   w0, x0 = _row(w_cols, x_row, mask_w, lane_k, 0, k_stop, NW, K, EVEN_K)
@@ -91,25 +116,45 @@ def _step_rows(w_cols, x_row, mask_w, lane_k, k_stop, NW: tl.constexpr, K: tl.co
 
 
 @triton.jit
-def _first_row(words, xr):
-  """The plane products x * (OFF_J + q_J) of one row of every lane: the p_J of a step's first row."""
-  w01 = _pair(words, 0)
-  w23 = _pair(words, 1)
-  w45 = _pair(words, 2)
-  w67 = _pair(words, 3)
-  return (xr * _plane(w01, 0), xr * _plane(w01, 1), xr * _plane(w23, 2), xr * _plane(w23, 3),
-          xr * _plane(w45, 4), xr * _plane(w45, 5), xr * _plane(w67, 6), xr * _plane(w67, 7))
+def _step_x(x_row, lane_k, k_stop, K: tl.constexpr, EVEN_K: tl.constexpr):
+  """The 8 x values of a step for the second row of x."""
+  return (_x(x_row, lane_k, 0, k_stop, K, EVEN_K), _x(x_row, lane_k, 1, k_stop, K, EVEN_K),
+          _x(x_row, lane_k, 2, k_stop, K, EVEN_K), _x(x_row, lane_k, 3, k_stop, K, EVEN_K),
+          _x(x_row, lane_k, 4, k_stop, K, EVEN_K), _x(x_row, lane_k, 5, k_stop, K, EVEN_K),
+          _x(x_row, lane_k, 6, k_stop, K, EVEN_K), _x(x_row, lane_k, 7, k_stop, K, EVEN_K))
 
 
 @triton.jit
-def _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, words, xr):
-  """p_J += x * (OFF_J + q_J) for one row of every lane: one FMA per weight, one shift per two."""
+def _planes(words):
+  """OFF_J + q_J of every word for J = 0..7, as fp32: one shift per two nibbles and one LOP per nibble."""
   w01 = _pair(words, 0)
   w23 = _pair(words, 1)
   w45 = _pair(words, 2)
   w67 = _pair(words, 3)
-  return (p0 + xr * _plane(w01, 0), p1 + xr * _plane(w01, 1), p2 + xr * _plane(w23, 2), p3 + xr * _plane(w23, 3),
-          p4 + xr * _plane(w45, 4), p5 + xr * _plane(w45, 5), p6 + xr * _plane(w67, 6), p7 + xr * _plane(w67, 7))
+  return (_plane(w01, 0), _plane(w01, 1), _plane(w23, 2), _plane(w23, 3),
+          _plane(w45, 4), _plane(w45, 5), _plane(w67, 6), _plane(w67, 7))
+
+
+@triton.jit
+def _mul8(q0, q1, q2, q3, q4, q5, q6, q7, xr):
+  """The plane products x * (OFF_J + q_J) of one row: the p_J of a step's first row."""
+  return xr * q0, xr * q1, xr * q2, xr * q3, xr * q4, xr * q5, xr * q6, xr * q7
+
+
+@triton.jit
+def _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, xr):
+  """p_J += x * (OFF_J + q_J) for one row: one FMA per weight."""
+  return (p0 + xr * q0, p1 + xr * q1, p2 + xr * q2, p3 + xr * q3,
+          p4 + xr * q4, p5 + xr * q5, p6 + xr * q6, p7 + xr * q7)
+
+
+@triton.jit
+def _interleave(a0, a1, a2, a3, a4, a5, a6, a7, BLOCK_N: tl.constexpr):
+  """Sum the lanes of the 8 plane accumulators, then interleave the planes: [BLOCK_N], column 8w + J
+  (column 8w + 4 i2 + 2 i1 + i0, as w4a16_gemm._unpack_rows builds it)."""
+  even = tl.join(tl.join(tl.sum(a0, axis=0), tl.sum(a4, axis=0)), tl.join(tl.sum(a2, axis=0), tl.sum(a6, axis=0)))
+  odd = tl.join(tl.join(tl.sum(a1, axis=0), tl.sum(a5, axis=0)), tl.join(tl.sum(a3, axis=0), tl.sum(a7, axis=0)))
+  return tl.reshape(tl.join(even, odd), (BLOCK_N,))
 
 
 @triton.jit
@@ -131,16 +176,20 @@ def w4a16_gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     K_LANES: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-  """One row of x per program (grid: M * cdiv(N, BLOCK_N) programs, SPLIT_K).
+  """ROWS (1 or 2) rows of x per program (grid: cdiv(M, ROWS) * cdiv(N, BLOCK_N) programs, SPLIT_K).
 
   The program's K range is cut into K_LANES interleaved lanes (tile dim 0: with BLOCK_N // 8 words per warp,
   one warp per lane), each lane BLOCK_K = 8 rows per step, so K_LANES warps stream one weight tile together
   and are reduced once, at the end.  The 8 rows of a step are carried through the loop as 8 tensors (the
   register pipeline): each row's words are one load per thread and the sum over K is a per-thread chain of FMAs.
+  With ROWS = 2 the weights are unpacked once for both rows of x (the integer work, the busier pipe) and only
+  the FMAs double; an odd M's last program computes its missing row as a copy of the one before, unstored.
   """
   tl.static_assert(BLOCK_K == 8, "the register pipeline carries 8 rows a step (tuning.KernelConfig checks it)")
   tl.static_assert(GROUP_SIZE == K or GROUP_SIZE % BLOCK_K == 0, "BLOCK_K must divide GROUP_SIZE")
+  tl.static_assert(ROWS == 1 or ROWS == 2, "one or two rows of x per program")
   NW: tl.constexpr = N // 8
   BNW: tl.constexpr = BLOCK_N // 8
   STEP: tl.constexpr = BLOCK_K * K_LANES  # rows per step of the whole program
@@ -149,8 +198,9 @@ def w4a16_gemv_kernel(
 
   pid = tl.program_id(0)
   pid_k = tl.program_id(1)
-  row = pid % M  # the programs of one weight tile (every row of x) are adjacent: they share it in L2
-  pid_n = pid // M
+  row_groups = (M + ROWS - 1) // ROWS
+  row = (pid % row_groups) * ROWS  # the programs of one weight tile (all of x) are adjacent: they share it in L2
+  pid_n = pid // row_groups
 
   offs_w = pid_n * BNW + tl.arange(0, BNW)  # packed word columns of this tile
   mask_w = (offs_w < NW)[None, :]
@@ -159,7 +209,7 @@ def w4a16_gemv_kernel(
   w_cols = qweight_ptr + offs_w[None, :]
   scale_cols = scales_ptr + offs_w[None, :] * 8  # + g * N + J: column 8w + J
 
-  # Eight plane accumulators written out: loop-carried values must be tensors, not Python lists of them.
+  # Eight plane accumulators per row of x, written out: loop-carried values must be tensors, not lists.
   acc0 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
   acc1 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
   acc2 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
@@ -174,6 +224,17 @@ def w4a16_gemv_kernel(
   lane0 = lanes * BLOCK_K
   n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _step_rows(
       w_cols, x_row, mask_w, lane0 + k_begin, k_stop, NW, K, EVEN_K)
+  if ROWS == 2:
+    x_row_b = x_ptr + tl.minimum(row + 1, M - 1).to(tl.int64) * K
+    yb0, yb1, yb2, yb3, yb4, yb5, yb6, yb7 = _step_x(x_row_b, lane0 + k_begin, k_stop, K, EVEN_K)
+    accb0 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
+    accb1 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
+    accb2 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
+    accb3 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
+    accb4 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
+    accb5 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
+    accb6 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
+    accb7 = tl.zeros((K_LANES, BNW), dtype=tl.float32)
   for k0 in range(k_begin, k_stop, STEP):
     lane_k = k0 + lane0  # [K_LANES, 1] first row of each lane's block
     c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
@@ -181,35 +242,90 @@ def w4a16_gemv_kernel(
     n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _step_rows(
         w_cols, x_row, mask_w, lane_k + STEP, k_stop, NW, K, EVEN_K)
     xsum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-    p0, p1, p2, p3, p4, p5, p6, p7 = _first_row(c0, x0)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c1, x1)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c2, x2)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c3, x3)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c4, x4)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c5, x5)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c6, x6)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma_row(p0, p1, p2, p3, p4, p5, p6, p7, c7, x7)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c0)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _mul8(q0, q1, q2, q3, q4, q5, q6, q7, x0)
+    if ROWS == 2:
+      xb0, xb1, xb2, xb3, xb4, xb5, xb6, xb7 = yb0, yb1, yb2, yb3, yb4, yb5, yb6, yb7
+      yb0, yb1, yb2, yb3, yb4, yb5, yb6, yb7 = _step_x(x_row_b, lane_k + STEP, k_stop, K, EVEN_K)
+      xsumb = xb0 + xb1 + xb2 + xb3 + xb4 + xb5 + xb6 + xb7
+      r0, r1, r2, r3, r4, r5, r6, r7 = _mul8(q0, q1, q2, q3, q4, q5, q6, q7, xb0)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c1)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x1)
+    if ROWS == 2:
+      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb1)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c2)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x2)
+    if ROWS == 2:
+      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb2)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c3)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x3)
+    if ROWS == 2:
+      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb3)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c4)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x4)
+    if ROWS == 2:
+      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb4)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c5)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x5)
+    if ROWS == 2:
+      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb5)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c6)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x6)
+    if ROWS == 2:
+      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb6)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c7)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x7)
+    if ROWS == 2:
+      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb7)
     g = tl.minimum(lane_k, K - 1) // GROUP_SIZE  # [K_LANES, 1]; clamped: a lane may start past K
     scale_rows = scale_cols + g * N
     if HAS_ZP:
       zw = tl.load(qzeros_ptr + g * NW + offs_w[None, :], mask=mask_w, other=0)
     else:
       zw = 0
-    acc0 = _correct(acc0, p0, xsum, scale_rows, mask_w, zw, 0, HAS_ZP, ZP_BIAS)
-    acc1 = _correct(acc1, p1, xsum, scale_rows, mask_w, zw, 1, HAS_ZP, ZP_BIAS)
-    acc2 = _correct(acc2, p2, xsum, scale_rows, mask_w, zw, 2, HAS_ZP, ZP_BIAS)
-    acc3 = _correct(acc3, p3, xsum, scale_rows, mask_w, zw, 3, HAS_ZP, ZP_BIAS)
-    acc4 = _correct(acc4, p4, xsum, scale_rows, mask_w, zw, 4, HAS_ZP, ZP_BIAS)
-    acc5 = _correct(acc5, p5, xsum, scale_rows, mask_w, zw, 5, HAS_ZP, ZP_BIAS)
-    acc6 = _correct(acc6, p6, xsum, scale_rows, mask_w, zw, 6, HAS_ZP, ZP_BIAS)
-    acc7 = _correct(acc7, p7, xsum, scale_rows, mask_w, zw, 7, HAS_ZP, ZP_BIAS)
+    s0 = _scale(scale_rows, mask_w, 0)
+    s1 = _scale(scale_rows, mask_w, 1)
+    s2 = _scale(scale_rows, mask_w, 2)
+    s3 = _scale(scale_rows, mask_w, 3)
+    s4 = _scale(scale_rows, mask_w, 4)
+    s5 = _scale(scale_rows, mask_w, 5)
+    s6 = _scale(scale_rows, mask_w, 6)
+    s7 = _scale(scale_rows, mask_w, 7)
+    z0 = _zero(zw, 0, HAS_ZP, ZP_BIAS)
+    z1 = _zero(zw, 1, HAS_ZP, ZP_BIAS)
+    z2 = _zero(zw, 2, HAS_ZP, ZP_BIAS)
+    z3 = _zero(zw, 3, HAS_ZP, ZP_BIAS)
+    z4 = _zero(zw, 4, HAS_ZP, ZP_BIAS)
+    z5 = _zero(zw, 5, HAS_ZP, ZP_BIAS)
+    z6 = _zero(zw, 6, HAS_ZP, ZP_BIAS)
+    z7 = _zero(zw, 7, HAS_ZP, ZP_BIAS)
+    acc0 = _correct(acc0, p0, xsum, s0, z0)
+    acc1 = _correct(acc1, p1, xsum, s1, z1)
+    acc2 = _correct(acc2, p2, xsum, s2, z2)
+    acc3 = _correct(acc3, p3, xsum, s3, z3)
+    acc4 = _correct(acc4, p4, xsum, s4, z4)
+    acc5 = _correct(acc5, p5, xsum, s5, z5)
+    acc6 = _correct(acc6, p6, xsum, s6, z6)
+    acc7 = _correct(acc7, p7, xsum, s7, z7)
+    if ROWS == 2:
+      accb0 = _correct(accb0, r0, xsumb, s0, z0)
+      accb1 = _correct(accb1, r1, xsumb, s1, z1)
+      accb2 = _correct(accb2, r2, xsumb, s2, z2)
+      accb3 = _correct(accb3, r3, xsumb, s3, z3)
+      accb4 = _correct(accb4, r4, xsumb, s4, z4)
+      accb5 = _correct(accb5, r5, xsumb, s5, z5)
+      accb6 = _correct(accb6, r6, xsumb, s6, z6)
+      accb7 = _correct(accb7, r7, xsumb, s7, z7)
 
-  # Sum the lanes (once), then interleave the planes: column 8w + 4 i2 + 2 i1 + i0 (w4a16_gemm._unpack_rows).
-  even = tl.join(tl.join(tl.sum(acc0, axis=0), tl.sum(acc4, axis=0)),
-                 tl.join(tl.sum(acc2, axis=0), tl.sum(acc6, axis=0)))
-  odd = tl.join(tl.join(tl.sum(acc1, axis=0), tl.sum(acc5, axis=0)),
-                tl.join(tl.sum(acc3, axis=0), tl.sum(acc7, axis=0)))
-  acc = tl.reshape(tl.join(even, odd), (BLOCK_N,))
   offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-  offs = row.to(tl.int64) * N + offs_n
-  store_tile(acc, out_ptr + offs, partial_ptr + offs, offs_n < N, M, N, lock_ptr, pid, pid_k, SPLIT_K, 8)
+  acc = _interleave(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, BLOCK_N)
+  if ROWS == 1:
+    offs = row.to(tl.int64) * N + offs_n
+    store_tile(acc, out_ptr + offs, partial_ptr + offs, offs_n < N, M, N, lock_ptr, pid, pid_k, SPLIT_K, 8)
+  else:
+    accb = _interleave(accb0, accb1, accb2, accb3, accb4, accb5, accb6, accb7, BLOCK_N)
+    rows = row + tl.arange(0, 2)
+    tile = tl.permute(tl.join(acc, accb), (1, 0))  # [2, BLOCK_N]
+    offs = rows.to(tl.int64)[:, None] * N + offs_n[None, :]
+    mask = (rows[:, None] < M) & (offs_n < N)[None, :]
+    store_tile(tile, out_ptr + offs, partial_ptr + offs, mask, M, N, lock_ptr, pid, pid_k, SPLIT_K, 4)
