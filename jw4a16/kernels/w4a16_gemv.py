@@ -54,25 +54,35 @@ def _plane(moved, J: tl.constexpr):
 
 
 @triton.jit
-def _scale(scale_rows, mask_w, J: tl.constexpr):
-  """s_J [K_LANES, BNW]: plane J's group scales (column 8w + J of each lane's group row)."""
-  return tl.load(scale_rows + J, mask=mask_w, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _zero(zw, J: tl.constexpr, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr):
-  """OFF_J + z_J: the value _plane's OFF_J + q_J must be corrected by."""
-  off: tl.constexpr = 256.0 if J % 2 == 0 else 16.0
+def _group_params(scale_rows, mask_w, zw, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr):
+  """Per plane J: the group scale s_J [K_LANES, BNW] and OFF_J + z_J, the value _plane's OFF_J + q_J is
+  corrected by (OFF_J = 256 for even J, 16 for odd)."""
+  s0 = tl.load(scale_rows + 0, mask=mask_w, other=0.0).to(tl.float32)
+  s1 = tl.load(scale_rows + 1, mask=mask_w, other=0.0).to(tl.float32)
+  s2 = tl.load(scale_rows + 2, mask=mask_w, other=0.0).to(tl.float32)
+  s3 = tl.load(scale_rows + 3, mask=mask_w, other=0.0).to(tl.float32)
+  s4 = tl.load(scale_rows + 4, mask=mask_w, other=0.0).to(tl.float32)
+  s5 = tl.load(scale_rows + 5, mask=mask_w, other=0.0).to(tl.float32)
+  s6 = tl.load(scale_rows + 6, mask=mask_w, other=0.0).to(tl.float32)
+  s7 = tl.load(scale_rows + 7, mask=mask_w, other=0.0).to(tl.float32)
   if HAS_ZP:
-    return off + ((zw >> (4 * J)) & 0xF).to(tl.float32)
+    z0, z1 = 256.0 + (zw & 0xF).to(tl.float32), 16.0 + ((zw >> 4) & 0xF).to(tl.float32)
+    z2, z3 = 256.0 + ((zw >> 8) & 0xF).to(tl.float32), 16.0 + ((zw >> 12) & 0xF).to(tl.float32)
+    z4, z5 = 256.0 + ((zw >> 16) & 0xF).to(tl.float32), 16.0 + ((zw >> 20) & 0xF).to(tl.float32)
+    z6, z7 = 256.0 + ((zw >> 24) & 0xF).to(tl.float32), 16.0 + ((zw >> 28) & 0xF).to(tl.float32)
   else:
-    return off + ZP_BIAS
+    z0, z1, z2, z3 = 256.0 + ZP_BIAS, 16.0 + ZP_BIAS, 256.0 + ZP_BIAS, 16.0 + ZP_BIAS
+    z4, z5, z6, z7 = 256.0 + ZP_BIAS, 16.0 + ZP_BIAS, 256.0 + ZP_BIAS, 16.0 + ZP_BIAS
+  return s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7
 
 
 @triton.jit
-def _correct(acc, p, xsum, s, z):
-  """acc += s_J * (p - (OFF_J + z_J) * sum_k x): plane J's group correction, once per K step and lane."""
-  return acc + (p - z * xsum) * s
+def _correct(a0, a1, a2, a3, a4, a5, a6, a7, p0, p1, p2, p3, p4, p5, p6, p7, xsum,
+             s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7):
+  """a_J += s_J * (p_J - (OFF_J + z_J) * sum_k x): the group correction of the 8 planes, once per K step."""
+  return (a0 + (p0 - z0 * xsum) * s0, a1 + (p1 - z1 * xsum) * s1, a2 + (p2 - z2 * xsum) * s2,
+          a3 + (p3 - z3 * xsum) * s3, a4 + (p4 - z4 * xsum) * s4, a5 + (p5 - z5 * xsum) * s5,
+          a6 + (p6 - z6 * xsum) * s6, a7 + (p7 - z7 * xsum) * s7)
 
 
 @triton.jit
@@ -136,16 +146,29 @@ def _planes(words):
 
 
 @triton.jit
-def _mul8(q0, q1, q2, q3, q4, q5, q6, q7, xr):
-  """The plane products x * (OFF_J + q_J) of one row: the p_J of a step's first row."""
-  return xr * q0, xr * q1, xr * q2, xr * q3, xr * q4, xr * q5, xr * q6, xr * q7
+def _first_row(words, xa, xb, ROWS: tl.constexpr):
+  """The plane products x * (OFF_J + q_J) of a step's first row: p_J for row a of x, r_J for row b (ROWS = 2;
+  with ROWS = 1, r_J repeats p_J, unused)."""
+  q0, q1, q2, q3, q4, q5, q6, q7 = _planes(words)
+  p0, p1, p2, p3, p4, p5, p6, p7 = xa * q0, xa * q1, xa * q2, xa * q3, xa * q4, xa * q5, xa * q6, xa * q7
+  if ROWS == 2:
+    r0, r1, r2, r3, r4, r5, r6, r7 = xb * q0, xb * q1, xb * q2, xb * q3, xb * q4, xb * q5, xb * q6, xb * q7
+  else:
+    r0, r1, r2, r3, r4, r5, r6, r7 = p0, p1, p2, p3, p4, p5, p6, p7
+  return p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7
 
 
 @triton.jit
-def _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, xr):
-  """p_J += x * (OFF_J + q_J) for one row: one FMA per weight."""
-  return (p0 + xr * q0, p1 + xr * q1, p2 + xr * q2, p3 + xr * q3,
-          p4 + xr * q4, p5 + xr * q5, p6 + xr * q6, p7 + xr * q7)
+def _next_row(p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7, words, xa, xb, ROWS: tl.constexpr):
+  """p_J += x_a * (OFF_J + q_J) (and r_J += x_b * ... for ROWS = 2): the planes built once, one FMA per weight
+  and row of x."""
+  q0, q1, q2, q3, q4, q5, q6, q7 = _planes(words)
+  p0, p1, p2, p3 = p0 + xa * q0, p1 + xa * q1, p2 + xa * q2, p3 + xa * q3
+  p4, p5, p6, p7 = p4 + xa * q4, p5 + xa * q5, p6 + xa * q6, p7 + xa * q7
+  if ROWS == 2:
+    r0, r1, r2, r3 = r0 + xb * q0, r1 + xb * q1, r2 + xb * q2, r3 + xb * q3
+    r4, r5, r6, r7 = r4 + xb * q4, r5 + xb * q5, r6 + xb * q6, r7 + xb * q7
+  return p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7
 
 
 @triton.jit
@@ -242,80 +265,42 @@ def w4a16_gemv_kernel(
     n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _step_rows(
         w_cols, x_row, mask_w, lane_k + STEP, k_stop, NW, K, EVEN_K)
     xsum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c0)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _mul8(q0, q1, q2, q3, q4, q5, q6, q7, x0)
     if ROWS == 2:
       xb0, xb1, xb2, xb3, xb4, xb5, xb6, xb7 = yb0, yb1, yb2, yb3, yb4, yb5, yb6, yb7
       yb0, yb1, yb2, yb3, yb4, yb5, yb6, yb7 = _step_x(x_row_b, lane_k + STEP, k_stop, K, EVEN_K)
       xsumb = xb0 + xb1 + xb2 + xb3 + xb4 + xb5 + xb6 + xb7
-      r0, r1, r2, r3, r4, r5, r6, r7 = _mul8(q0, q1, q2, q3, q4, q5, q6, q7, xb0)
-    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c1)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x1)
-    if ROWS == 2:
-      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb1)
-    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c2)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x2)
-    if ROWS == 2:
-      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb2)
-    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c3)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x3)
-    if ROWS == 2:
-      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb3)
-    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c4)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x4)
-    if ROWS == 2:
-      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb4)
-    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c5)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x5)
-    if ROWS == 2:
-      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb5)
-    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c6)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x6)
-    if ROWS == 2:
-      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb6)
-    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(c7)
-    p0, p1, p2, p3, p4, p5, p6, p7 = _fma8(p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7, x7)
-    if ROWS == 2:
-      r0, r1, r2, r3, r4, r5, r6, r7 = _fma8(r0, r1, r2, r3, r4, r5, r6, r7, q0, q1, q2, q3, q4, q5, q6, q7, xb7)
+    else:
+      xb0, xb1, xb2, xb3, xb4, xb5, xb6, xb7 = x0, x1, x2, x3, x4, x5, x6, x7  # unused
+    p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7 = _first_row(c0, x0, xb0, ROWS)
+    p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7 = _next_row(
+        p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7, c1, x1, xb1, ROWS)
+    p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7 = _next_row(
+        p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7, c2, x2, xb2, ROWS)
+    p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7 = _next_row(
+        p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7, c3, x3, xb3, ROWS)
+    p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7 = _next_row(
+        p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7, c4, x4, xb4, ROWS)
+    p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7 = _next_row(
+        p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7, c5, x5, xb5, ROWS)
+    p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7 = _next_row(
+        p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7, c6, x6, xb6, ROWS)
+    p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7 = _next_row(
+        p0, p1, p2, p3, p4, p5, p6, p7, r0, r1, r2, r3, r4, r5, r6, r7, c7, x7, xb7, ROWS)
     g = tl.minimum(lane_k, K - 1) // GROUP_SIZE  # [K_LANES, 1]; clamped: a lane may start past K
     scale_rows = scale_cols + g * N
     if HAS_ZP:
       zw = tl.load(qzeros_ptr + g * NW + offs_w[None, :], mask=mask_w, other=0)
     else:
       zw = 0
-    s0 = _scale(scale_rows, mask_w, 0)
-    s1 = _scale(scale_rows, mask_w, 1)
-    s2 = _scale(scale_rows, mask_w, 2)
-    s3 = _scale(scale_rows, mask_w, 3)
-    s4 = _scale(scale_rows, mask_w, 4)
-    s5 = _scale(scale_rows, mask_w, 5)
-    s6 = _scale(scale_rows, mask_w, 6)
-    s7 = _scale(scale_rows, mask_w, 7)
-    z0 = _zero(zw, 0, HAS_ZP, ZP_BIAS)
-    z1 = _zero(zw, 1, HAS_ZP, ZP_BIAS)
-    z2 = _zero(zw, 2, HAS_ZP, ZP_BIAS)
-    z3 = _zero(zw, 3, HAS_ZP, ZP_BIAS)
-    z4 = _zero(zw, 4, HAS_ZP, ZP_BIAS)
-    z5 = _zero(zw, 5, HAS_ZP, ZP_BIAS)
-    z6 = _zero(zw, 6, HAS_ZP, ZP_BIAS)
-    z7 = _zero(zw, 7, HAS_ZP, ZP_BIAS)
-    acc0 = _correct(acc0, p0, xsum, s0, z0)
-    acc1 = _correct(acc1, p1, xsum, s1, z1)
-    acc2 = _correct(acc2, p2, xsum, s2, z2)
-    acc3 = _correct(acc3, p3, xsum, s3, z3)
-    acc4 = _correct(acc4, p4, xsum, s4, z4)
-    acc5 = _correct(acc5, p5, xsum, s5, z5)
-    acc6 = _correct(acc6, p6, xsum, s6, z6)
-    acc7 = _correct(acc7, p7, xsum, s7, z7)
+    s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7 = _group_params(
+        scale_rows, mask_w, zw, HAS_ZP, ZP_BIAS)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _correct(
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p0, p1, p2, p3, p4, p5, p6, p7, xsum,
+        s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7)
     if ROWS == 2:
-      accb0 = _correct(accb0, r0, xsumb, s0, z0)
-      accb1 = _correct(accb1, r1, xsumb, s1, z1)
-      accb2 = _correct(accb2, r2, xsumb, s2, z2)
-      accb3 = _correct(accb3, r3, xsumb, s3, z3)
-      accb4 = _correct(accb4, r4, xsumb, s4, z4)
-      accb5 = _correct(accb5, r5, xsumb, s5, z5)
-      accb6 = _correct(accb6, r6, xsumb, s6, z6)
-      accb7 = _correct(accb7, r7, xsumb, s7, z7)
+      accb0, accb1, accb2, accb3, accb4, accb5, accb6, accb7 = _correct(
+          accb0, accb1, accb2, accb3, accb4, accb5, accb6, accb7, r0, r1, r2, r3, r4, r5, r6, r7, xsumb,
+          s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7)
 
   offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   acc = _interleave(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, BLOCK_N)
