@@ -7,14 +7,15 @@ Llama-3-8B decode step was bound by the host for it (docs/performance.md, sessio
 registers `triton_kernel_call_ffi`: the same launcher (the same zlib-compressed kernel-call proto, as attribute
 `opaque`) as an FFI handler with the kCmdBufferCompatible trait; JAX's Pallas Triton backend emits it.
 
-`triton_call` here takes jax-triton's arguments and lowers through jax-triton itself (same compilation, same
-proto, same kernel binary).  Launcher "legacy" (the default) leaves jax-triton's call as it is; launcher
-"ffi" retargets it to the FFI handler, so XLA records the launches into its graphs.  Measured on H100
-(docs/performance.md, session 5), "ffi" is not faster: the whole decode step becomes one graph, and in a profiler
-trace its cuGraphLaunch took 2.8 ms of host time (~700 nodes) and the FFI calls' per-run initialization 1.4 ms a
-step; a pipelined decode loop ran at the same speed with either launcher, and a step the host waits for ran
-slower with "ffi".  Chosen at lowering time: `JW4A16_LAUNCHER` = "legacy" or "ffi" (CUDA only: ROCm is
-untested with it and keeps "legacy").
+`ffi_triton_call` takes `jax_triton.triton_call`'s arguments and lowers through jax-triton's own lowering (same
+compilation, same proto, same kernel binary), then retargets the emitted custom call to the FFI handler, so XLA
+records the launches into its graphs.  `ops` uses it when `$JW4A16_LAUNCHER` is "ffi" (CUDA; on ROCm the call
+stays jax-triton's, untested with the FFI handler); the default, "legacy", is `jax_triton.triton_call` itself.
+Measured on H100 (docs/performance.md, session 5), "ffi" is not faster: the whole decode step becomes one graph,
+and in a profiler trace its cuGraphLaunch took 2.8 ms of host time (~700 nodes) and the FFI calls' per-run
+initialization 1.4 ms a step; a pipelined decode loop ran at the same speed with either launcher, and a step the
+host waits for ran slower with "ffi".  The variable is read when a shape is first traced (jax caches the
+traced op per shape), so set it before the first call.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def retarget_to_ffi(op) -> None:
 
 @functools.cache
 def _primitive():
-  """A primitive with jax-triton's parameters and abstract eval, lowered by jax-triton and then retargeted."""
+  """A primitive with jax-triton's parameters and abstract eval, lowered by jax-triton and then, on CUDA,
+  retargeted to the FFI call."""
   import jax.extend as jex  # noqa: PLC0415
   from jax.interpreters import xla  # noqa: PLC0415
   from jax_triton import triton_lib as jtl  # noqa: PLC0415 - lazily: needs a GPU jaxlib
@@ -70,7 +72,7 @@ def _primitive():
 
   def lowering(backend_init, ctx, *args, **params):
     results = jtl.triton_kernel_call_lowering(backend_init, ctx, *args, **params)
-    if backend_init is jtl.get_cuda_backend and resolve_launcher() == "ffi":
+    if backend_init is jtl.get_cuda_backend:
       retarget_to_ffi(results[0].owner)
     return results
 
@@ -79,10 +81,11 @@ def _primitive():
   return prim
 
 
-def triton_call(*args, kernel, out_shape, grid, name: str = "", num_warps: int | None = None,
-                num_stages: int | None = None, zeroed_outputs=(), **metaparams):
+def ffi_triton_call(*args, kernel, out_shape, grid, name: str = "", num_warps: int | None = None,
+                    num_stages: int | None = None, zeroed_outputs=(), **metaparams):
   """`jax_triton.triton_call` (same arguments: arrays, then Python scalars; out_shape a sequence of
-  ShapeDtypeStructs; constexprs as keywords) through the launcher above.  Returns the list of outputs."""
+  ShapeDtypeStructs; constexprs as keywords), launched through jaxlib's FFI Triton target on CUDA.  Returns the
+  list of outputs."""
   from jax_triton import triton_lib as jtl  # noqa: PLC0415
 
   array_args, scalar_args = [], []

@@ -64,7 +64,9 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
     w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
     return jnp.matmul(x2d, w, preferred_element_type=jnp.float32).astype(x2d.dtype)
 
-  from jw4a16 import launch  # noqa: PLC0415 - lazily: jax-triton fails to import on CPU-only JAX
+  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
+
+  from jw4a16 import launch  # noqa: PLC0415
   from jw4a16.kernels import KERNELS  # noqa: PLC0415
 
   dtype = np.dtype(x2d.dtype).name
@@ -72,7 +74,9 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
     tuning.check_config(config, k, group_size)
   cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, target)
   partials, locks = cfg.scratch_shapes(m, n)
-  out, _, _ = launch.triton_call(
+  # jax-triton's custom call, or ($JW4A16_LAUNCHER=ffi) the same kernel as jaxlib's FFI Triton call (launch.py)
+  triton_call = launch.ffi_triton_call if launch.resolve_launcher() == "ffi" else jt.triton_call
+  out, _, _ = triton_call(
       x2d, qweight, scales, scales if qzeros is None else qzeros, m,
       kernel=KERNELS[cfg.kernel], grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
       out_shape=(jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32),
