@@ -38,7 +38,10 @@ def dispatchable(target_name):
 JOBS = {t: [(c, k, n, g, dtype, zp, m == 1) for c, k, n, m in dispatchable(t)
             for g, dtype, zp in ((128, "bfloat16", False), (128, "float16", True))] +
            [(tuning.legalize(tuning.select_config(16, 4096, 6144, g, "bfloat16", True, HEURISTIC_TARGET[t]), 4096, g),
-             4096, 6144, g, "bfloat16", True, False) for g in (32, 64, 256, 4096)]
+             4096, 6144, g, "bfloat16", True, False) for g in (32, 64, 256, 4096)] +
+           # the two-row gemv kernel on every target, though only the H100 tables pick it (M = 2)
+           [(tuning.gemv_config(256, 8, 16, 8, HEURISTIC_TARGET[t], rows=2), 4096, 6144, 128, "float16", zp, False)
+            for zp in (False, True)]
         for t in TARGETS}
 
 
