@@ -146,10 +146,11 @@ def table_key(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool)
   return f"m{m_bucket(m)}_k{k}_n{n}_g{group_size}_{dtype}_{'asym' if has_zp else 'sym'}"
 
 
-def _split_k(target: Target, tiles: int, k: int, block_k: int, waves: float) -> int:
-  """Smallest power-of-two split that gives about `waves` programs per SM, keeping >= 2 K steps per split."""
+def _split_k(target: Target, tiles: int, k: int, min_rows: int, waves: float, max_split: int = 1 << 30) -> int:
+  """Smallest power-of-two split that gives about `waves` programs per SM, keeping >= `min_rows` rows of K
+  per split and at most `max_split` splits."""
   split = 1
-  while tiles * split < waves * target.num_sms and k // (split * 2) >= 2 * block_k:
+  while tiles * split < waves * target.num_sms and split < max_split and k // (split * 2) >= min_rows:
     split *= 2
   return split
 
@@ -165,12 +166,10 @@ def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
   until about 4 programs per SM, at most 32 ways: the last program of a tile reads every split's partial, so
   deep splits cost a longer tail (the session-3 sweep's best configs on the Llama-3-8B shapes, M = 1)."""
   del group_size  # select_config legalizes block_k against it
-  bn, bk, lanes, rows = 256, GEMV_BLOCK_K, 16, min(m, 2)
+  bn, lanes, rows = 256, 16, min(m, 2)
   tiles = math.ceil(m / rows) * math.ceil(n / bn)
-  split = 1
-  while tiles * split < 4 * target.num_sms and split < 32 and k // (split * 2) >= bk * lanes:
-    split *= 2
-  return gemv_config(bn, bk, lanes, split, target, rows=rows)
+  split = _split_k(target, tiles, k, GEMV_BLOCK_K * lanes, 4.0, max_split=32)  # >= one step of all lanes
+  return gemv_config(bn, GEMV_BLOCK_K, lanes, split, target, rows=rows)
 
 
 def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H100,
@@ -190,12 +189,13 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
     return gemv_heuristic(m, k, n, group_size, target)
   if m == 1:  # the tile kernel's GEMV body
     tiles = math.ceil(n / 128)
-    return KernelConfig(1, 128, 64, split_k=_split_k(target, tiles, k, 64, 4.0), num_warps=4, num_stages=stages - 1,
+    return KernelConfig(1, 128, 64, split_k=_split_k(target, tiles, k, 2 * 64, 4.0), num_warps=4, num_stages=stages - 1,
                         unpack=0)
   if m <= 64:
     bm = 16 if m <= 16 else 64
     tiles = math.ceil(m / bm) * math.ceil(n / 128)
-    return KernelConfig(bm, 128, 64, split_k=_split_k(target, tiles, k, 64, 2.0), num_warps=4, num_stages=stages)
+    return KernelConfig(bm, 128, 64, split_k=_split_k(target, tiles, k, 2 * 64, 2.0), num_warps=4,
+                       num_stages=stages)
   if m <= 256:
     return KernelConfig(64, 64, 128, num_warps=4, num_stages=stages)
   return KernelConfig(128, 128, 64, num_warps=8, num_stages=3)

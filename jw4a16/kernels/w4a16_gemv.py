@@ -86,29 +86,29 @@ def _correct(a0, a1, a2, a3, a4, a5, a6, a7, p0, p1, p2, p3, p4, p5, p6, p7, xsu
 
 
 @triton.jit
-def _row(w_cols, x_row, mask_w, lane_k, R: tl.constexpr, k_stop, NW: tl.constexpr, K: tl.constexpr,
-         EVEN_K: tl.constexpr):
-  """Row R of every lane's block at lane_k [K_LANES, 1]: its words [K_LANES, BNW] and x [K_LANES, 1] in
-  fp32; zeros at or past k_stop (this split's end) or K."""
+def _live(lane_k, R: tl.constexpr, k_stop, K: tl.constexpr, EVEN_K: tl.constexpr):
+  """Row R of every lane's block at lane_k [K_LANES, 1], and whether it is before k_stop (this split's end) and K."""
   k = lane_k + R
   if EVEN_K:
-    live = k < k_stop
+    return k, k < k_stop
   else:
-    live = (k < k_stop) & (k < K)
-  words = tl.load(w_cols + k * NW, mask=mask_w & live, other=0)
-  x = tl.load(x_row + k, mask=live, other=0.0).to(tl.float32)
-  return words, x
+    return k, (k < k_stop) & (k < K)
 
 
 @triton.jit
 def _x(x_row, lane_k, R: tl.constexpr, k_stop, K: tl.constexpr, EVEN_K: tl.constexpr):
-  """x [K_LANES, 1] of row R of every lane's block, for a second row of x (same masks as _row)."""
-  k = lane_k + R
-  if EVEN_K:
-    live = k < k_stop
-  else:
-    live = (k < k_stop) & (k < K)
+  """x [K_LANES, 1] of row R of every lane's block in fp32; zeros past the split or K."""
+  k, live = _live(lane_k, R, k_stop, K, EVEN_K)
   return tl.load(x_row + k, mask=live, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row(w_cols, x_row, mask_w, lane_k, R: tl.constexpr, k_stop, NW: tl.constexpr, K: tl.constexpr,
+         EVEN_K: tl.constexpr):
+  """Row R of every lane's block: its words [K_LANES, BNW] and x [K_LANES, 1] in fp32; zeros past the split or K."""
+  k, live = _live(lane_k, R, k_stop, K, EVEN_K)
+  words = tl.load(w_cols + k * NW, mask=mask_w & live, other=0)
+  return words, _x(x_row, lane_k, R, k_stop, K, EVEN_K)
 
 
 @triton.jit
