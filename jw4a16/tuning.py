@@ -50,6 +50,7 @@ class KernelConfig:
   kpack: int = 1
   kernel: str = "tile"  # "tile" | "gemv", see above
   k_lanes: int = 1  # gemv only
+  swap_ab: int = 0  # tile only (block_m >= 8): compute out^T = W^T x^T, see kernels/w4a16_gemm.py
 
   def __post_init__(self):
     if self.kernel not in KERNEL_NAMES:
@@ -65,11 +66,15 @@ class KernelConfig:
                        f"{GEMV_BLOCK_K} rows per lane and step (block_k={GEMV_BLOCK_K})")
     if self.k_lanes < 1 or self.k_lanes & (self.k_lanes - 1) or (self.k_lanes > 1 and self.kernel != "gemv"):
       raise ValueError(f"KernelConfig.k_lanes={self.k_lanes} must be a power of two, > 1 only for kernel 'gemv'")
-    if self.kernel == "tile" and self.block_m not in (1,) and self.block_m < 16:
-      raise ValueError(f"KernelConfig.block_m={self.block_m}: tl.dot needs >= 16 (or 1 for the GEMV body)")
+    if self.kernel == "tile" and self.block_m != 1 and self.block_m < (8 if self.swap_ab else 16):
+      raise ValueError(f"KernelConfig.block_m={self.block_m}: tl.dot needs >= 16 (>= 8 as the instruction's N "
+                       f"with swap_ab=1; or 1 for the GEMV body)")
     if self.block_n < 16 or (self.kernel == "tile" and self.block_k < 16):  # gemv's block_k is checked above
       raise ValueError(f"KernelConfig block_n={self.block_n}, block_k={self.block_k} must be >= 16 "
                        f"(block_k: for kernel 'tile')")
+    if self.swap_ab not in (0, 1) or (self.swap_ab and (self.kernel != "tile" or self.block_m < 8)):
+      raise ValueError(f"KernelConfig.swap_ab={self.swap_ab} must be 0 or 1, and 1 only for kernel 'tile' with "
+                       f"block_m >= 8 (block_m={self.block_m}, kernel={self.kernel!r})")
     if self.split_k < 1:
       raise ValueError(f"KernelConfig.split_k={self.split_k} must be >= 1")
 
@@ -79,7 +84,7 @@ class KernelConfig:
       return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k, K_LANES=self.k_lanes,
                   ROWS=self.block_m)
     return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
-                GROUP_M=self.group_m, UNPACK=self.unpack)
+                GROUP_M=self.group_m, UNPACK=self.unpack, SWAP_AB=self.swap_ab)
 
   def amd_options(self) -> dict:
     return dict(waves_per_eu=self.waves_per_eu, matrix_instr_nonkdim=self.matrix_instr_nonkdim, kpack=self.kpack)
@@ -159,6 +164,10 @@ def _split_k(target: Target, tiles: int, k: int, min_rows: int, waves: float, ma
 # it beat the tile kernel at M = 1 and 2 on all six benchmark shapes and lost at M = 4
 # (benchmarks/results/sweep-gemv-h100-2026-11-25.json).
 GEMV_MAX_M = {"h100": 2, "h200": 2}
+# Up to this M (past GEMV_MAX_M) the tile kernel computes out^T = W^T x^T with 16- or 32-row tiles of x: on H100
+# 1.3 - 2.7x faster than the unswapped tile's best at M = 4 - 32 on all six benchmark shapes
+# (benchmarks/results/sweep-swap-ab-h100-2026-11-26-s6.json); not measured at M = 64, not measured on AMD.
+SWAP_AB_MAX_M = {"h100": 32, "h200": 32}
 
 
 def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
@@ -175,10 +184,11 @@ def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
 def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H100,
                      gemv: bool = True) -> KernelConfig:
   """Defaults for shapes the tables lack, read off the H100 sweeps (docs/performance.md): the gemv kernel up to
-  GEMV_MAX_M (the tile kernel's GEMV body at M = 1 when gemv=False); 16- and 64-row tiles split along K until
-  about two programs per SM; 64x64x128 tiles from M = 128.  On AMD (64-wide wavefronts, 64 KiB LDS) warps
-  count wavefronts and the software pipeline is two deep, as AMD's Triton tutorials tune it; these are
-  reasoned, not measured (we have no MI300)."""
+  GEMV_MAX_M (the tile kernel's GEMV body at M = 1 when gemv=False); swapped 16- and 32-row x 64-column tiles up
+  to SWAP_AB_MAX_M, split along K until about 3.5 programs per SM (the session-6 sweep's best configs); 16- and
+  64-row tiles split until about two programs per SM; 64x64x128 tiles from M = 128.  On AMD (64-wide
+  wavefronts, 64 KiB LDS, no swapped tiles) warps count wavefronts and the software pipeline is two deep, as
+  AMD's Triton tutorials tune it; these are reasoned, not measured (we have no MI300)."""
   amd = target.warp_size == 64
   stages = 2 if amd else 4
   if amd and m > 1:  # MFMA tiles: 16x16 instructions, two waves per SIMD (AMD's Triton GEMM tuning defaults)
@@ -191,6 +201,11 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
     tiles = math.ceil(n / 128)
     return KernelConfig(1, 128, 64, split_k=_split_k(target, tiles, k, 2 * 64, 4.0), num_warps=4, num_stages=stages - 1,
                         unpack=0)
+  if m <= SWAP_AB_MAX_M.get(target.name, 0):  # 64 weight columns as wgmma's M, the rows of x as its N
+    bm = 16 if m <= 16 else 32
+    tiles = math.ceil(m / bm) * math.ceil(n / 64)
+    return KernelConfig(bm, 64, 128, split_k=_split_k(target, tiles, k, 2 * 128, 3.5), num_warps=4,
+                        num_stages=3, swap_ab=1)
   if m <= 64:
     bm = 16 if m <= 16 else 64
     tiles = math.ceil(m / bm) * math.ceil(n / 128)
@@ -339,5 +354,9 @@ def candidate_configs(m: int, k: int, n: int, group_size: int, target: Target = 
           for warps in (4, 8):
             for stages in (3, 4, 5):
               out.append(KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages))
+  if m <= 64:  # out^T = W^T x^T: 64 or 128 weight columns as the MMA's M
+    for bm, bn, bk, split, stages in itertools.product([b for b in bms if b <= 32], (64, 128), (64, 128),
+                                                       (1, 2, 4, 8, 16), (3, 4)):
+      out.append(KernelConfig(bm, bn, bk, split_k=split, num_warps=4, num_stages=stages, swap_ab=1))
   out = dict.fromkeys(legalize(c, k, group_size) for c in out)  # dedupe, keep order
   return [c for c in out if fits(c, target) and k // c.split_k >= c.block_k]

@@ -5,8 +5,8 @@ unmeasured buckets up to 256 taking the nearest measured M.  bf16, symmetric, th
       [--gemv-from SWEEP ...]
 
 --gemv-from: only these sweeps' gemv rows count (the others' were measured with an older gemv kernel); a bucket
-up to tuning.GEMV_MAX_M whose shape has no such row is left out of the table, so the dispatcher's gemv
-heuristic answers it rather than a tile config that gemv beat.
+up to tuning.GEMV_MAX_M whose best row comes from another sweep is left out of the table, so the dispatcher's
+gemv heuristic answers it rather than a tile config that the current gemv kernel may beat.
 """
 
 import argparse
@@ -36,7 +36,7 @@ def main():
         continue
       key = (r["k"], r["n"], r["m"])
       if key not in best or r["us"] < best[key]["us"]:
-        best[key] = r
+        best[key] = dict(r, path=path)
   table = {}
   for k, n in sorted({(k, n) for k, n, _ in best}):
     measured = sorted(m for kk, nn, m in best if (kk, nn) == (k, n))
@@ -45,10 +45,13 @@ def main():
         continue
       m = min(measured, key=lambda mm: (abs(mm - bucket), mm))
       cfg = legalize(KernelConfig(**best[(k, n, m)]["config"]), k, a.group)
-      if cfg.kernel == "gemv" and bucket > m:  # its cost grows with M: never extrapolate it upwards
+      if cfg.kernel == "gemv" and bucket != m:  # rows per program are fixed, its cost grows with M: measured M only
         continue
-      if cfg.kernel != "gemv" and bucket <= gemv_max_m and a.gemv_from is not None:
-        continue  # no current gemv measurement here: leave it to the gemv heuristic
+      if cfg.swap_ab and bucket > m:  # measured to lose at M = 64: not extrapolated upwards
+        continue
+      if (cfg.kernel != "gemv" and bucket <= gemv_max_m and a.gemv_from is not None
+          and (bucket != m or best[(k, n, m)]["path"] not in a.gemv_from)):
+        continue  # not measured beside the current gemv kernel at this M: leave it to the gemv heuristic
       for dtype in ("bfloat16", "float16"):
         for has_zp in (False, True):
           table[table_key(bucket, k, n, a.group, dtype, has_zp)] = cfg.to_json()

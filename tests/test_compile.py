@@ -41,7 +41,10 @@ JOBS = {t: [(c, k, n, g, dtype, zp, m == 1) for c, k, n, m in dispatchable(t)
              4096, 6144, g, "bfloat16", True, False) for g in (32, 64, 256, 4096)] +
            # the two-row gemv kernel on every target, though only the H100 tables pick it (M = 2)
            [(tuning.gemv_config(256, 8, 16, 8, HEURISTIC_TARGET[t], rows=2), 4096, 6144, 128, "float16", zp, False)
-            for zp in (False, True)]
+            for zp in (False, True)] +
+           # the swapped tile (out^T = W^T x^T) likewise, 16 and 32 rows of x
+           [(tuning.KernelConfig(bm, 64, 128, split_k=4, num_stages=3, swap_ab=1), 4096, 6144, 128, dtype, zp, False)
+            for bm, dtype, zp in ((16, "bfloat16", False), (32, "float16", True))]
         for t in TARGETS}
 
 
@@ -69,6 +72,7 @@ def test_compiles_within_limits(target, i):
   assert rep["shared"] <= SHARED_LIMIT[target], rep
   assert rep["spills"] == 0, rep
   assert ("hsaco" if target.startswith("gfx") else "cubin") in rep["asm_keys"]
-  if cfg.block_m >= 16:  # tl.dot must land on the matrix units
-    expected = "v_mfma" if target.startswith("gfx") else ("wgmma" if target == "sm90" and cfg.block_m >= 64 else "mma")
+  if cfg.block_m >= 16:  # tl.dot must land on the matrix units; wgmma where its M (64 rows) is filled
+    wgmma = target == "sm90" and (cfg.block_n if cfg.swap_ab else cfg.block_m) >= 64
+    expected = "v_mfma" if target.startswith("gfx") else ("wgmma" if wgmma else "mma")
     assert rep["matrix_unit"] == expected, rep

@@ -90,9 +90,27 @@ def test_gemv_configs(cfg, dtype, symmetric, kng):
   assert_close(out, np.asarray(x, np.float64) @ w, dtype)
 
 
+@pytest.mark.parametrize("cfg", [tuning.KernelConfig(bm, bn, bk, split_k=split, num_stages=3, swap_ab=1)
+                                 for bm, bn, bk, split in ((16, 64, 128, 4), (32, 64, 64, 3), (16, 128, 64, 1),
+                                                           (8, 64, 128, 2))], ids=str)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("kng", [(4096, 6144, 128), (200, 1040, -1), (512, 72, 32)])
+def test_swap_ab_configs(cfg, dtype, symmetric, kng):
+  """The swapped tile (out^T = W^T x^T) on the GPU: M not a multiple of its rows, uneven splits, N past and not
+  a multiple of a tile, K not a multiple of a step, zero points, both dtypes."""
+  k, n, g = kng
+  qw, s, qz, _, w = make_weights(k, n, g, symmetric=symmetric, dtype=dtype)
+  x = make_x((2 * cfg.block_m + 3, k), dtype)
+  cfg = tuning.legalize(cfg, k, k if g == -1 else g)
+  out = jw4a16.w4a16_matmul(x, qw, s, qz, group_size=g, config=cfg, backend="triton")
+  assert_close(out, np.asarray(x, np.float64) @ w, dtype)
+
+
 SPLIT_CONFIGS = [tuning.gemv_config(512, 8, 4, 32), tuning.gemv_config(512, 8, 2, 7),
                  tuning.gemv_config(256, 8, 16, 16, rows=2),
-                 tuning.KernelConfig(16, 128, 64, split_k=32), tuning.KernelConfig(64, 64, 128, split_k=5)]
+                 tuning.KernelConfig(16, 128, 64, split_k=32), tuning.KernelConfig(64, 64, 128, split_k=5),
+                 tuning.KernelConfig(16, 64, 128, split_k=8, swap_ab=1)]
 
 
 @pytest.mark.parametrize("cfg", SPLIT_CONFIGS, ids=str)

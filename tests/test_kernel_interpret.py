@@ -38,6 +38,8 @@ CONFIGS = [
     tuning.KernelConfig(32, 128, 64, split_k=2),
     tuning.KernelConfig(64, 64, 128),
     tuning.KernelConfig(128, 128, 64, num_warps=8),
+    tuning.KernelConfig(16, 64, 64, split_k=3, swap_ab=1),  # out^T = W^T x^T, uneven split
+    tuning.KernelConfig(32, 128, 32, swap_ab=1),
 ]
 
 

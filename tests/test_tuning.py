@@ -23,6 +23,18 @@ def test_gemv_config_validation():
     tuning.gemv_config(256, 16, 16, 1)
 
 
+
+def test_swap_ab_config_validation():
+  assert tuning.KernelConfig(8, 64, 128, swap_ab=1).meta()["SWAP_AB"] == 1  # 8 rows of x: the wgmma's N
+  assert tuning.KernelConfig(16, 64, 64).meta()["SWAP_AB"] == 0
+  with pytest.raises(ValueError, match="block_m=8: tl.dot needs >= 16"):
+    tuning.KernelConfig(8, 64, 64)
+  with pytest.raises(ValueError, match="swap_ab=1 must be 0 or 1, and 1 only for kernel 'tile'"):
+    tuning.gemv_config(256, 8, 16, 1).__class__(1, 256, 8, kernel="gemv", k_lanes=16, swap_ab=1)
+  with pytest.raises(ValueError, match="swap_ab=2"):
+    tuning.KernelConfig(16, 64, 64, swap_ab=2)
+
+
 @pytest.mark.parametrize("target", [tuning.H100, tuning.MI300X], ids=lambda t: t.name)
 def test_gemv_config_warps_cover_the_tile(target):
   """num_warps = k_lanes * block_n / (32 * warp size): every thread loads 4 distinct words."""
@@ -36,11 +48,15 @@ def test_gemv_config_warps_cover_the_tile(target):
 
 
 def test_m2_picks_two_rows_per_program():
-  """At M = 2 the gemv kernel unpacks each weight once for both rows (the shipped table and the heuristic)."""
-  for k, n in [(4096, 6144), (14336, 4096), (4096, 4096)]:  # the last is not in the table: heuristic
-    cfg = tuning.select_config(2, k, n, 128, "bfloat16", False, tuning.H100)
-    assert cfg.kernel == "gemv" and cfg.block_m == 2, cfg
-  assert tuning.select_config(1, 4096, 4096, 128, "bfloat16", False, tuning.H100).block_m == 1
+  """At M = 2 the gemv kernel unpacks each weight once for both rows (the heuristic, and the shipped table where
+  gemv measured faster than the swapped tile), or the swapped tile where that measured faster."""
+  cfg = tuning.select_config(2, 14336, 4096, 128, "bfloat16", False, tuning.H100)  # table: gemv measured faster
+  assert cfg.kernel == "gemv" and cfg.block_m == 2, cfg
+  cfg = tuning.heuristic_config(2, 1024, 3072, 128, tuning.H100)
+  assert cfg.kernel == "gemv" and cfg.block_m == 2, cfg
+  cfg = tuning.select_config(2, 4096, 6144, 128, "bfloat16", False, tuning.H100)  # table: swapped tile faster
+  assert cfg.kernel == "tile" and cfg.swap_ab == 1, cfg
+  assert tuning.select_config(1, 1024, 3072, 128, "bfloat16", False, tuning.H100).block_m == 1
 
 
 @pytest.mark.parametrize("m", [1, 2, 4])
@@ -61,6 +77,21 @@ def test_heuristics_pick_gemv_for_decode():
   amd = tuning.heuristic_config(1, 4096, 4096, 128, tuning.MI300X)
   assert amd.kernel == "gemv" and amd.num_warps * 64 * 4 == amd.k_lanes * amd.block_n // 8
   assert tuning.heuristic_config(2, 4096, 4096, 128, tuning.MI300X).kernel == "tile"  # not measured there
+
+
+@pytest.mark.parametrize("m", [3, 4, 8, 16, 17, 32])
+def test_heuristics_swap_ab_for_small_m_on_h100_only(m):
+  cfg = tuning.heuristic_config(m, 4096, 6144, 128, tuning.H100)
+  assert cfg.kernel == "tile" and cfg.swap_ab == 1 and cfg.block_m == (16 if m <= 16 else 32)
+  assert cfg.block_n == 64 and 3.5 * tuning.H100.num_sms <= cfg.grid(m, 6144)[0] * cfg.split_k
+  assert tuning.heuristic_config(m, 4096, 6144, 128, tuning.MI300X).swap_ab == 0  # not measured there
+  assert tuning.heuristic_config(64, 4096, 6144, 128, tuning.H100).swap_ab == 0  # measured to lose at M = 64
+
+
+def test_candidates_include_swap_ab_up_to_m64():
+  assert any(c.swap_ab for c in tuning.candidate_configs(16, 4096, 6144, 128))
+  assert any(c.swap_ab for c in tuning.candidate_configs(64, 4096, 6144, 128))
+  assert not any(c.swap_ab for c in tuning.candidate_configs(256, 4096, 6144, 128))
 
 
 def test_disabled_kernels(monkeypatch):

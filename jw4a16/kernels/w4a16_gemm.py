@@ -16,6 +16,12 @@ FMAs); each optionally split along K
 (SPLIT_K > 1) so small-M problems still put every SM to work streaming weights.  Split-K partials are summed in
 the same launch by the last program of each tile to finish (kernels/splitk.py).
 
+SWAP_AB (tensor-core tiles only) computes the transposed tile out^T = W^T x^T: the dequantized weights become
+the dot's first operand, which Hopper's wgmma reads from registers (they still pass through one shared-memory
+layout conversion, as in the unswapped tile), x^T is read by the wgmma straight from its pipelined shared-memory
+buffer, and BLOCK_M becomes the instruction's N (8 and up), so a small M no longer needs mma.sync or a 64-row
+wgmma.  On H100 it is the faster tile from M = 2 to 32 (docs/performance.md, session 6).
+
 Argument order follows jax-triton: the input arrays, the scalar M, then the outputs.  Every shape except M is a
 constexpr, because jax-triton gives integer scalars no divisibility specialization (see shared/NOTES.md).
 
@@ -103,6 +109,7 @@ def w4a16_gemm_kernel(
     SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     UNPACK: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
   DTYPE: tl.constexpr = x_ptr.dtype.element_ty
   B: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0  # see _magic
@@ -136,7 +143,10 @@ def w4a16_gemm_kernel(
     zero_row = tl.zeros((1, BLOCK_N), dtype=tl.float32)
   else:
     zero_row = tl.full((1, BLOCK_N), zoff + ZP_BIAS, dtype=tl.float32)
-  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  if SWAP_AB:
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+  else:
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
   k_begin = pid_k * K_SPLIT
   # One flat loop, so Triton's software pipeliner overlaps the loads of step i+1 with step i.  Each step lies
   # inside one group and applies its own correction: acc += (x @ (B + q) - (B + z) * rowsum(x)) * s.
@@ -160,11 +170,19 @@ def w4a16_gemm_kernel(
       xt = tl.reshape(x.to(tl.float32), (BLOCK_K, 1))
       part = tl.sum(xt * (w.to(tl.float32) - B), axis=0, keep_dims=True)  # x @ q: exact small integers q
       xsum = tl.sum(xt, axis=0, keep_dims=True)
+    elif SWAP_AB:
+      part = tl.dot(tl.trans(w), tl.trans(x))  # out^T [BLOCK_N, BLOCK_M]: see the module docstring
+      xsum = tl.reshape(tl.sum(x.to(tl.float32), axis=1), (1, BLOCK_M))
     else:
       part = tl.dot(x, w)
       xsum = tl.sum(x.to(tl.float32), axis=1, keep_dims=True)
-    acc += (part - z * xsum) * s
+    if SWAP_AB:
+      acc += (part - tl.trans(z) * xsum) * tl.trans(s)
+    else:
+      acc += (part - z * xsum) * s
 
+  if SWAP_AB:
+    acc = tl.trans(acc)
   mask = mask_m[:, None] & mask_n[None, :]
   offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
   store_tile(acc, out_ptr + offs, partial_ptr + offs, mask, M, N, lock_ptr, pid, pid_k, SPLIT_K, 1)
