@@ -165,8 +165,9 @@ def _split_k(target: Target, tiles: int, k: int, min_rows: int, waves: float, ma
 # (benchmarks/results/sweep-gemv-h100-2026-11-25.json).
 GEMV_MAX_M = {"h100": 2, "h200": 2}
 # Up to this M (past GEMV_MAX_M) the tile kernel computes out^T = W^T x^T with 16- or 32-row tiles of x: on H100
-# 1.3 - 2.7x faster than the unswapped tile's best at M = 4 - 32 on all six benchmark shapes
-# (benchmarks/results/sweep-swap-ab-h100-2026-11-26-s6.json); not measured at M = 64, not measured on AMD.
+# 1.39 - 2.72x faster than the earlier picks (tuned or heuristic unswapped tiles) at M = 4 - 32 on all six
+# benchmark shapes (benchmarks/results/sweep-swap-ab-h100-2026-11-26-s6.json); slower at M = 64; not measured on
+# AMD.
 SWAP_AB_MAX_M = {"h100": 32, "h200": 32}
 
 
