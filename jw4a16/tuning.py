@@ -160,10 +160,11 @@ def _split_k(target: Target, tiles: int, k: int, min_rows: int, waves: float, ma
   return split
 
 
-# Up to this M the gemv kernel (one program per row of x) is used where no table entry says otherwise: on H100
-# it beat the tile kernel at M = 1 and 2 on all six benchmark shapes and lost at M = 4
-# (benchmarks/results/sweep-gemv-h100-2026-11-25.json).
-GEMV_MAX_M = {"h100": 2, "h200": 2}
+# Up to this M the gemv kernel is used where no table entry says otherwise.  On H100 it beat the unswapped tile
+# kernel at M = 1 and 2 on all six benchmark shapes (benchmarks/results/sweep-gemv-h100-2026-11-25.json); at M = 2
+# its two-row form lost to the swapped tile on 5 of 7 shapes (by 4 - 9 %, won 2 by 5 %:
+# sweep-swap-ab-h100-2026-11-26-s6-m2.json) and compiles about 5x slower, so from M = 2 the heuristic swaps.
+GEMV_MAX_M = {"h100": 1, "h200": 1}
 # Up to this M (past GEMV_MAX_M) the tile kernel computes out^T = W^T x^T with 16- or 32-row tiles of x: on H100
 # 1.39 - 2.72x faster than the earlier picks (tuned or heuristic unswapped tiles) at M = 4 - 32 on all six
 # benchmark shapes (benchmarks/results/sweep-swap-ab-h100-2026-11-26-s6.json); slower at M = 64; not measured on
