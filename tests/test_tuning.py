@@ -23,14 +23,13 @@ def test_gemv_config_validation():
     tuning.gemv_config(256, 16, 16, 1)
 
 
-
 def test_swap_ab_config_validation():
   assert tuning.KernelConfig(8, 64, 128, swap_ab=1).meta()["SWAP_AB"] == 1  # 8 rows of x: the wgmma's N
   assert tuning.KernelConfig(16, 64, 64).meta()["SWAP_AB"] == 0
   with pytest.raises(ValueError, match="block_m=8: tl.dot needs >= 16"):
     tuning.KernelConfig(8, 64, 64)
   with pytest.raises(ValueError, match="swap_ab=1 must be 0 or 1, and 1 only for kernel 'tile'"):
-    tuning.gemv_config(256, 8, 16, 1).__class__(1, 256, 8, kernel="gemv", k_lanes=16, swap_ab=1)
+    tuning.KernelConfig(1, 256, 8, kernel="gemv", k_lanes=16, swap_ab=1)
   with pytest.raises(ValueError, match="swap_ab=2"):
     tuning.KernelConfig(16, 64, 64, swap_ab=2)
 
