@@ -79,3 +79,25 @@ def repack_k_to_n(packed_k, k: int | None = None):
 def awq_to_kernel(packed_awq):
   """AWQ GEMM words [R, N//8] in nibble order [0,2,4,6,1,3,5,7] -> kernel order, same shape."""
   return pack_int4(unpack_int4(packed_awq, axis=-1, order=AWQ_ORDER), axis=-1)
+
+
+FRAGMENT_BLOCK = 64  # K values per fragment-packed block (8 words)
+
+
+def to_fragment_packed(qweight):
+  """Kernel layout qweight [K, N//8] -> "fragment-packed" [N, K//8] int32 (K a multiple of 64), the weights in the
+  order a Hopper wgmma's register operand holds a [64 x 16k] tile of W^T (kernels/w4a16_frag.py).
+
+  In each row n and block of 64 K values, k = 16 q + 8 h + 2 c + p (q, c < 4; h, p < 2) sits in word 8 b + 2 c + h
+  at nibble q + 4 p: thread column c of the wgmma fragment gets whole words, and the two values of each bf16x2
+  register pair (p = 0, 1) sit 16 bits apart, so one shift and one LOP3 make the pair.
+  """
+  xp = _xp(qweight)
+  k = qweight.shape[0]
+  if k % FRAGMENT_BLOCK:
+    raise ValueError(f"to_fragment_packed: qweight has K = {k} rows, expected a multiple of {FRAGMENT_BLOCK}")
+  v = unpack_int4(qweight, axis=1).T  # [N, K]
+  n = v.shape[0]
+  v = v.reshape(n, k // 64, 4, 2, 4, 2)  # [n, b, q, h, c, p]
+  v = xp.transpose(v, (0, 1, 4, 3, 5, 2)).reshape(n, k // 8, 8)  # [n, (b, c, h), (p, q)]: nibble 4 p + q
+  return pack_int4(v.reshape(n, k), axis=1)
