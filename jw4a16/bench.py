@@ -7,7 +7,9 @@
 Timing (shared/NOTES.md): one jitted function applies the op to R weight sets in turn, with R chosen so the
 sets exceed twice the L2 cache; the per-op time is (t_R - t_1) / (R - 1) from medians, which removes host
 dispatch and counts every XLA op the call adds.  Every timed configuration is checked against the reference
-first.  The card's two ceilings (copy bandwidth counting read + write, and a large bf16 matmul) are measured in
+first.  jw4a16's weights are in the packing a loader picks on this card (`jw4a16.preferred_packing`: "fragment"
+on H100 / H200), converted once before timing, as a model holds them; --packing gptq measures the GPTQ layout.
+The card's two ceilings (copy bandwidth counting read + write, and a large bf16 matmul) are measured in
 the same run; floor = max(bytes / bandwidth, flops / matmul peak).
 """
 
@@ -26,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jw4a16.ops import current_target, resolve_backend, w4a16_matmul
+from jw4a16.layout import to_fragment_packed
+from jw4a16.ops import current_target, preferred_packing, resolve_backend, w4a16_matmul
 from jw4a16.reference import w4a16_matmul_reference
 
 SHAPES = {  # (K, N)
@@ -100,7 +103,7 @@ def xla_int4_op(group_size):
   return op
 
 
-def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key):
+def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key, packing="auto"):
   copy_tbps, tflops = ceilings
   g = k if group_size == -1 else group_size
   int4_bytes = k * n // 2 + (k // g) * n * (2 + (0 if symmetric else 0.5))
@@ -110,9 +113,12 @@ def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key):
   sets = [make_quantized(jax.random.fold_in(key, i), k, n, group_size, dtype, symmetric) for i in range(r_int4)]
   x = jax.random.normal(jax.random.fold_in(key, 999), (m, k), dtype)
 
-  # correctness first: the op against the reference on the first weight set
+  packing = preferred_packing(k, g) if packing == "auto" else packing
+  ours_sets = sets if packing == "gptq" else [(to_fragment_packed(qw), s, qz) for qw, s, qz in sets]
+
+  # correctness first: the op (on its packing) against the reference on the first weight set
   qw, s, qz = sets[0]
-  got = jax.jit(lambda x: w4a16_matmul(x, qw, s, qz, group_size=group_size))(x)
+  got = jax.jit(lambda x: w4a16_matmul(x, ours_sets[0][0], s, qz, group_size=group_size, packing=packing))(x)
   ref = jax.jit(lambda x: w4a16_matmul_reference(x, qw, s, qz, group_size=group_size))(x)
   got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
   rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
@@ -121,10 +127,11 @@ def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key):
 
   moved = int4_bytes + 2 * m * (k + n)
   floor_us = max(moved / (copy_tbps * 1e12), 2 * m * n * k / (tflops * 1e12)) * 1e6
-  op = lambda x, w: w4a16_matmul(x, *w, group_size=group_size)  # noqa: E731
-  ours = per_op_us(op, x, sets)
+  op = lambda x, w: w4a16_matmul(x, *w, group_size=group_size, packing=packing)  # noqa: E731
+  ours = per_op_us(op, x, ours_sets)
   if ours < floor_us:  # impossible: host noise in t_R - t_1 (small shapes, where a call's host cost > kernel)
-    ours = per_op_us(op, x, sets, reps=100)
+    ours = per_op_us(op, x, ours_sets, reps=100)
+  del ours_sets
   int4_sets = [xla_int4_weights(*w, group_size) for w in sets]
   del sets
   xla_int4 = per_op_us(xla_int4_op(group_size), x, int4_sets)
@@ -132,7 +139,7 @@ def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key):
   dense_sets = [jax.random.normal(jax.random.fold_in(key, 100 + i), (k, n), dtype) for i in range(r_dense)]
   xla_bf16 = per_op_us(lambda x, w: x @ w, x, dense_sets)
   del dense_sets
-  return dict(K=k, N=n, M=m, dtype=jnp.dtype(dtype).name, group_size=group_size, symmetric=symmetric,
+  return dict(K=k, N=n, M=m, dtype=jnp.dtype(dtype).name, group_size=group_size, symmetric=symmetric, packing=packing,
               us=ours, xla_bf16_us=xla_bf16, xla_int4_us=xla_int4, floor_us=floor_us, rel_err=rel,
               weight_GBps=int4_bytes / (ours * 1e-6) / 1e9 if ours > 0 else float("nan"),
               below_floor=ours < floor_us)
@@ -161,8 +168,9 @@ def markdown(result) -> str:
            f"jax {result['versions']['jax']}, triton {result['versions']['triton']}, "
            f"jax-triton {result['versions']['jax_triton']}; copy {result['copy_TBps']:.2f} TB/s, "
            f"bf16 matmul {result['bf16_TFLOPs']:.0f} TFLOP/s. Times in microseconds (median, L2-rotated).", "",
-           "| K | N | M | dtype | G | sym | jw4a16 | XLA bf16 | XLA int4 | floor | floor/jw4a16 | vs bf16 | vs int4 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| K | N | M | dtype | G | sym | packing | jw4a16 | XLA bf16 | XLA int4 | floor | floor/jw4a16 | vs bf16 "
+           "| vs int4 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   noisy = False
   for r in result["rows"]:
     if r.get("below_floor", r["us"] < r["floor_us"]):  # older results files lack the flag
@@ -173,6 +181,7 @@ def markdown(result) -> str:
       ratios = (f"{r['floor_us'] / r['us']:.2f} | {r['xla_bf16_us'] / r['us']:.2f}x | "
                 f"{r['xla_int4_us'] / r['us']:.2f}x")
     lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['dtype']} | {r['group_size']} | {r['symmetric']} | "
+                 f"{r.get('packing', 'gptq')} | "
                  f"{ours} | {r['xla_bf16_us']:.1f} | {r['xla_int4_us']:.1f} | {r['floor_us']:.1f} | {ratios} |")
   if noisy:
     lines += ["", "Below the floor: no kernel can be that fast; the harness's (t_R - t_1) / (R - 1) was decided by "
@@ -226,6 +235,8 @@ def main(argv=None):
                  help="main: bf16 group 128 on every shape and M; extras: fp16, group -1 and 32, asymmetric")
   p.add_argument("--name", default=None, help="results file stem (default: the card)")
   p.add_argument("--ms", default=None, help="comma list of M to restrict to")
+  p.add_argument("--packing", default="auto", choices=("auto", "gptq", "fragment"),
+                 help="jw4a16's weight layout (default: what the loaders pick on this card)")
   a = p.parse_args(argv)
   if a.plot:
     result = json.loads(pathlib.Path(a.plot).read_text())
@@ -253,10 +264,10 @@ def main(argv=None):
                 date=datetime.date.today().isoformat(), copy_TBps=ceilings[0], bf16_TFLOPs=ceilings[1],
                 rows=out_rows)
   for i, (k, n, m, dtype, g, sym) in enumerate(rows):
-    r = bench_row(k, n, m, dtype, g, sym, ceilings, jax.random.fold_in(key, i))
+    r = bench_row(k, n, m, dtype, g, sym, ceilings, jax.random.fold_in(key, i), a.packing)
     out_rows.append(r)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))  # after every row: a cut run keeps its rows
-    print(f"K={k:6d} N={n:6d} M={m:5d} {r['dtype']:8s} G={g:4d} {'sym ' if sym else 'asym'} "
+    print(f"K={k:6d} N={n:6d} M={m:5d} {r['dtype']:8s} G={g:4d} {'sym ' if sym else 'asym'} {r['packing']:8s} "
           f"jw4a16 {r['us']:8.1f} us | bf16 {r['xla_bf16_us']:8.1f} | int4 {r['xla_int4_us']:8.1f} | "
           f"floor {r['floor_us']:7.1f} | {r['floor_us'] / r['us']:4.2f} of floor"
           f"{' (below the floor: noise)' if r['below_floor'] else ''} | "
@@ -285,6 +296,8 @@ def tune_main(argv=None):
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
   p.add_argument("--asym", action="store_true")
   p.add_argument("--max-configs", type=int, default=24)
+  p.add_argument("--packing", default="auto", choices=("auto", "gptq", "fragment"),
+                 help="the weight layout to tune for (default: what the loaders pick on this card)")
   a = p.parse_args(argv)
   if resolve_backend() != "triton":
     raise SystemExit("tuning needs a GPU with jax-triton")
@@ -294,23 +307,27 @@ def tune_main(argv=None):
   for shape in a.shapes.split(","):
     k, n = map(int, shape.split("x"))
     g = k if a.group == -1 else a.group
+    packing = preferred_packing(k, g) if a.packing == "auto" else a.packing
     sets = [make_quantized(jax.random.key(i), k, n, a.group, dtype, not a.asym)
             for i in range(max(8, math.ceil(2 * L2_BYTES / (k * n / 2)) + 1))]
+    if packing == "fragment":
+      sets = [(to_fragment_packed(qw), s, qz) for qw, s, qz in sets]
     for m in map(int, a.ms.split(",")):
       x = jax.random.normal(jax.random.key(99), (m, k), dtype)
-      cands = tuning.candidate_configs(m, k, n, g, target)
+      cands = (tuning.frag_candidates if packing == "fragment" else tuning.candidate_configs)(m, k, n, g, target)
       cands = random.Random(m).sample(cands, min(a.max_configs, len(cands)))
-      cands.insert(0, tuning.select_config(m, k, n, g, a.dtype, a.asym, target))
+      cands.insert(0, tuning.select_config(m, k, n, g, a.dtype, a.asym, target, packing))
       best = None
       for cfg in cands:
         try:
-          us = per_op_us(lambda x, w, cfg=cfg: w4a16_matmul(x, *w, group_size=a.group, config=cfg), x, sets)
+          us = per_op_us(lambda x, w, cfg=cfg: w4a16_matmul(x, *w, group_size=a.group, config=cfg, packing=packing),
+                         x, sets)
         except Exception as e:  # a config that fails to compile on this GPU is skipped
           print(f"  skip {cfg}: {type(e).__name__}")
           continue
         if best is None or us < best[0]:
           best = (us, cfg)
-      key = tuning.table_key(m, k, n, g, a.dtype, a.asym)
+      key = tuning.table_key(m, k, n, g, a.dtype, a.asym, packing)
       found[key] = best[1]
       print(f"K={k} N={n} M={m}: {best[0]:.1f} us with {best[1]}", flush=True)
   print(f"recorded {len(found)} entries in {tuning.record_tuned(target.name, found)}")

@@ -9,6 +9,11 @@ import numpy as np
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
 ACTIVATION_DTYPES = ("float16", "bfloat16")
+# How qweight's nibbles are laid out (jw4a16.layout): "gptq" [K, N // 8] packed along N (the kernel layout every
+# loader produces), "fragment" [N, K // 8] packed along K in the order Hopper's wgmma register operand holds it
+# (layout.to_fragment_packed; K a multiple of 64, G a multiple of 64).
+PACKINGS = ("gptq", "fragment")
+FRAGMENT_BLOCK = 64
 INT32_MAX = 2**31 - 1
 
 
@@ -30,30 +35,51 @@ def _dt(a) -> str:
   return np.dtype(a.dtype).name
 
 
-def check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx=None, perm=None) -> tuple[int, int, int]:
+def check_packing(packing, k: int, group_size: int) -> None:
+  """`packing` is one of PACKINGS and, for "fragment", K and the resolved group size G fit its 64-value blocks."""
+  if packing not in PACKINGS:
+    raise ValueError(f"packing={packing!r} must be one of {PACKINGS}")
+  if packing == "fragment" and (k % FRAGMENT_BLOCK or group_size % FRAGMENT_BLOCK):
+    raise ValueError(f"packing='fragment' needs K and group_size to be multiples of {FRAGMENT_BLOCK}, got K={k}, "
+                     f"group_size={group_size}; keep packing='gptq' for this weight")
+
+
+def check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx=None, perm=None,
+                      packing: str = "gptq") -> tuple[int, int, int]:
   """Validates shapes and dtypes of a W4A16 matmul; returns (K, N, G) with G resolved."""
+  if packing not in PACKINGS:
+    raise ValueError(f"packing={packing!r} must be one of {PACKINGS}")
   if x.ndim < 1:
     raise ValueError(f"x must have shape [..., K], got a scalar of shape {x.shape}")
   if _dt(x) not in ACTIVATION_DTYPES:
     raise TypeError(f"x must be float16 or bfloat16, got {_dt(x)} (shape {x.shape})")
+  frag = packing == "fragment"
+  form = "[N, K // 8] (packing='fragment')" if frag else "[K, N // 8]"
   if qweight.ndim != 2:
-    raise ValueError(f"qweight must be [K, N // 8] int32, got shape {qweight.shape}")
+    raise ValueError(f"qweight must be {form} int32, got shape {qweight.shape}")
   if _dt(qweight) != "int32":
     raise TypeError(f"qweight must be int32 (8 nibbles per word), got {_dt(qweight)} with shape {qweight.shape}")
   k = x.shape[-1]
-  if qweight.shape[0] != k:
-    raise ValueError(f"K mismatch: x.shape[-1]={k} but qweight.shape[0]={qweight.shape[0]} (qweight is [K, N // 8])")
+  if (qweight.shape[1] * 8 if frag else qweight.shape[0]) != k:
+    raise ValueError(f"K mismatch: x.shape[-1]={k} but qweight.shape={qweight.shape} (qweight is {form})")
   if scales.ndim != 2:
     raise ValueError(f"scales must be [K // group_size, N], got shape {scales.shape}")
   n = scales.shape[1]
   if n % 8 or n == 0:
     raise ValueError(f"N={n} (scales.shape[1]) must be a positive multiple of 8")
-  if qweight.shape[1] * 8 != n:
+  if frag and qweight.shape[0] != n:
+    raise ValueError(f"qweight.shape={qweight.shape} holds {qweight.shape[0]} columns but scales has N={n}; "
+                     f"expected qweight [{n}, {k // 8}] (packing='fragment')")
+  if not frag and qweight.shape[1] * 8 != n:
     raise ValueError(f"qweight.shape={qweight.shape} holds {qweight.shape[1] * 8} columns but scales has N={n}; "
                      f"expected qweight [K, {n // 8}]")
   if _dt(scales) != _dt(x):
     raise TypeError(f"scales must have x's dtype {_dt(x)}, got {_dt(scales)} (shape {scales.shape})")
   g = resolve_group_size(group_size, k)
+  check_packing(packing, k, g)
+  if frag and g_idx is not None:
+    raise ValueError("g_idx (act-order rows in checkpoint order) needs packing='gptq'; sort the rows once with "
+                     "QuantizedWeight.from_act_order, then repack, and pass perm")
   if scales.shape[0] != k // g:
     raise ValueError(f"scales.shape={scales.shape}, expected [{k // g}, {n}] for K={k} and group_size={group_size}")
   if qzeros is not None:

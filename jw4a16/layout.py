@@ -4,6 +4,9 @@ Kernel layout ("GPTQ sequential", packed along N):
   qweight [K, N // 8] int32: word (k, j) holds columns 8j .. 8j+7 of row k, column 8j+i in bits 4i .. 4i+3.
   qzeros  [K // G, N // 8] int32, packed the same way.
 
+A second layout the kernels read ("fragment", `to_fragment_packed`): qweight [N, K // 8] packed along K in the
+order Hopper's wgmma register operand holds a tile of W^T; converted from the kernel layout at load time.
+
 Other layouts met in checkpoints and converted here:
   packed along K (compressed-tensors weight_packed [N, K//8], AutoGPTQ qweight [K//8, N]): the same nibble order,
   along the other axis.  AWQ GEMM packs along N with nibble order [0, 2, 4, 6, 1, 3, 5, 7].
@@ -99,5 +102,17 @@ def to_fragment_packed(qweight):
   v = unpack_int4(qweight, axis=1).T  # [N, K]
   n = v.shape[0]
   v = v.reshape(n, k // 64, 4, 2, 4, 2)  # [n, b, q, h, c, p]
-  v = xp.transpose(v, (0, 1, 4, 3, 5, 2)).reshape(n, k // 8, 8)  # [n, (b, c, h), (p, q)]: nibble 4 p + q
+  v = xp.transpose(v, (0, 1, 4, 3, 5, 2))  # [n, b, c, h, p, q]: word (b, c, h), nibble 4 p + q
   return pack_int4(v.reshape(n, k), axis=1)
+
+
+def from_fragment_packed(words):
+  """The inverse of `to_fragment_packed`: [N, K//8] fragment-packed words -> kernel layout [K, N//8]."""
+  xp = _xp(words)
+  n, k = words.shape[0], words.shape[1] * PACK
+  if k % FRAGMENT_BLOCK:
+    raise ValueError(f"from_fragment_packed: words have K = {k} values per row, expected a multiple of "
+                     f"{FRAGMENT_BLOCK}")
+  v = unpack_int4(words, axis=1).reshape(n, k // 64, 4, 2, 2, 4)  # [n, b, c, h, p, q]
+  v = xp.transpose(v, (0, 1, 5, 3, 2, 4)).reshape(n, k)  # [n, b, q, h, c, p] = natural k
+  return pack_int4(v.T, axis=1)

@@ -12,30 +12,43 @@ from jw4a16.qweight import QuantizedWeight
 from jw4a16.sharding import layer_matmul
 
 # Logical axis names of the parameters (map them to mesh axes with flax.linen.logical_axis_rules):
-#   qweight [K, N // 8], scales [K // G, N], qzeros [K // G, N // 8] -> kernel_axes = (in_axis, out_axis)
+#   qweight [K, N // 8], scales [K // G, N], qzeros [K // G, N // 8] -> kernel_axes = (in_axis, out_axis);
+#   with packing="fragment" qweight is [N, K // 8] -> (out_axis, in_axis)
 #   bias [N] -> (out_axis,);  perm [K] -> replicated.
 # Column-parallel (split N): kernel_axes=("embed", "mlp") with "mlp" on a mesh axis.
 # Row-parallel (split K): kernel_axes=("mlp", "embed") with "mlp" on a mesh axis (then psum the output).
 DEFAULT_KERNEL_AXES = ("embed", "mlp")
 
 
-def check_layer(in_features: int, features: int, group_size: int) -> int:
+def check_layer(in_features: int, features: int, group_size: int, packing: str = "gptq") -> int:
   """Layer-construction checks (init time, before any kernel): returns the resolved group size."""
   if features % 8 or features <= 0:
     raise ValueError(f"features={features} must be a positive multiple of 8 (8 int4 values per int32 word)")
-  return checks.resolve_group_size(group_size, in_features)
+  g = checks.resolve_group_size(group_size, in_features)
+  checks.check_packing(packing, in_features, g)
+  return g
+
+
+def qweight_shape(k: int, n: int, packing: str, kernel_axes) -> tuple[tuple[int, int], tuple]:
+  """qweight's shape and logical axes in `packing`."""
+  if packing == "fragment":
+    return (n, k // 8), tuple(reversed(kernel_axes))
+  return (k, n // 8), tuple(kernel_axes)
 
 
 class W4A16Dense(nn.Module):
   """y = x @ W + b with W int4 in kernel layout.  x [..., K] -> [..., features].
 
-  Parameters: qweight [K, features // 8] int32, scales [K // G, features] param_dtype, qzeros
-  [K // G, features // 8] int32 (asymmetric only), bias [features] param_dtype, perm [K] int32 (act_order only:
-  qweight rows sorted by group, x gathered by perm).  Values from init are placeholders of the right shape and
-  type; real values come from a checkpoint (jw4a16.checkpoint) or from jw4a16.quantize_dense_params.
+  Parameters: qweight [K, features // 8] int32 ([features, K // 8] with packing="fragment"), scales
+  [K // G, features] param_dtype, qzeros [K // G, features // 8] int32 (asymmetric only), bias [features]
+  param_dtype, perm [K] int32 (act_order only: qweight rows sorted by group, x gathered by perm).  Values from
+  init are placeholders of the right shape and type; real values come from a checkpoint (jw4a16.checkpoint) or
+  from jw4a16.quantize_dense_params.
 
   dtype: the computation dtype (float16 or bfloat16); default param_dtype.  x and scales are cast to it; the
   output has it.
+  packing: qweight's layout, "gptq" or "fragment" (`jw4a16.preferred_packing`; `QuantizedWeight.repack` converts
+  loaded weights).
   """
 
   features: int
@@ -52,14 +65,16 @@ class W4A16Dense(nn.Module):
   # ambient mesh (jax.set_mesh), see jw4a16.sharding.  None: the op sees whole arrays.
   parallel: str | None = None
   parallel_axis: str = "tp"
+  packing: str = "gptq"
 
   @nn.compact
   def __call__(self, x):
     k = x.shape[-1]
-    g = check_layer(k, self.features, self.group_size)
+    g = check_layer(k, self.features, self.group_size, self.packing)
     n = self.features
     part = nn.with_logical_partitioning
-    qweight = self.param("qweight", part(nn.initializers.zeros_init(), self.kernel_axes), (k, n // 8), jnp.int32)
+    shape, axes = qweight_shape(k, n, self.packing, self.kernel_axes)
+    qweight = self.param("qweight", part(nn.initializers.zeros_init(), axes), shape, jnp.int32)
     scales = self.param("scales", part(nn.initializers.ones_init(), self.kernel_axes), (k // g, n),
                         self.param_dtype)
     qzeros = None
@@ -71,7 +86,7 @@ class W4A16Dense(nn.Module):
       perm = self.param("perm", part(lambda key, shape, dtype: jnp.arange(shape[0], dtype=dtype), (None,)), (k,),
                         jnp.int32)
     dtype = jnp.dtype(self.dtype or self.param_dtype)
-    w = QuantizedWeight(qweight, scales.astype(dtype), qzeros, perm, g, self.zp_bias)
+    w = QuantizedWeight(qweight, scales.astype(dtype), qzeros, perm, g, self.zp_bias, self.packing)
     y = layer_matmul(x.astype(dtype), w, self.parallel, self.parallel_axis, backend=self.backend)
     if self.use_bias:
       bias = self.param("bias", part(nn.initializers.zeros_init(), (self.kernel_axes[1],)), (n,), self.param_dtype)

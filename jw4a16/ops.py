@@ -51,7 +51,17 @@ def current_target() -> tuning.Target:
   return tuning.target_from_device(jax.devices()[0])
 
 
-def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
+def preferred_packing(k: int, group_size: int, backend: str | None = None) -> str:
+  """The weight packing to load [K, N] int4 weights into for this process's device: "fragment" where its kernel
+  was measured fastest (H100, and the same chip's H200: tuning.FRAGMENT_TARGETS) and K and the group fit its
+  64-value blocks; "gptq" otherwise (other GPUs, the reference path)."""
+  if resolve_backend(backend) != "triton" or current_target().name not in tuning.FRAGMENT_TARGETS:
+    return "gptq"
+  g = checks.resolve_group_size(group_size, k)
+  return "fragment" if k % checks.FRAGMENT_BLOCK == 0 and g % checks.FRAGMENT_BLOCK == 0 else "gptq"
+
+
+def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packing="gptq"):
   """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype.
 
   Without a forced config, large M on targets where it measured faster takes the dequantize-then-GEMM route
@@ -61,7 +71,7 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
   n = scales.shape[1]
   target = current_target()
   if config is None and tuning.use_dequant_gemm(m, target):
-    w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
+    w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype, packing=packing)
     return jnp.matmul(x2d, w, preferred_element_type=jnp.float32).astype(x2d.dtype)
 
   import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
@@ -72,7 +82,8 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
   dtype = np.dtype(x2d.dtype).name
   if config is not None:
     tuning.check_config(config, k, group_size)
-  cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, target)
+  cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, target, packing)
+  extra = {"PTX": int(target.warp_size == 32)} if cfg.kernel == "frag" else {}  # NVIDIA: inline-PTX unpacking
   partials, locks = cfg.scratch_shapes(m, n)
   # jax-triton's custom call, or ($JW4A16_LAUNCHER=ffi) the same kernel as jaxlib's FFI Triton call (launch.py)
   triton_call = launch.ffi_triton_call if launch.resolve_launcher() == "ffi" else jt.triton_call
@@ -83,7 +94,7 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config):
                  jax.ShapeDtypeStruct(locks, jnp.int32)),
       zeroed_outputs=(2,) if cfg.split_k > 1 else (),
       num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-      N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta())
+      N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta(), **extra)
   return out
 
 
@@ -102,12 +113,13 @@ def _inference_only(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelConfig | None):
+def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelConfig | None, packing: str):
   """custom_vmap'ed [M, K] x [K, N] kernel call: a vmap over x folds the batch into M (one launch); a vmap
   over the weights (stacked layers) runs one launch per batch member with lax.map."""
 
   def call(x2d, qweight, scales, qzeros):
-    return _launch(x2d, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, config=config)
+    return _launch(x2d, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, config=config,
+                   packing=packing)
 
   @jax.custom_batching.custom_vmap
   def f(x2d, qweight, scales, qzeros):
@@ -133,16 +145,16 @@ def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelCon
 
 
 @functools.lru_cache(maxsize=None)
-def _reference_call(group_size: int, zp_bias: int):
+def _reference_call(group_size: int, zp_bias: int, packing: str):
   def f(x, qweight, scales, qzeros, g_idx, perm):
     return w4a16_matmul_reference(x, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, g_idx=g_idx,
-                                  perm=perm)
+                                  perm=perm, packing=packing)
 
   return _inference_only(f)
 
 
 def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None, perm=None,
-                 backend: str | None = None, config: tuning.KernelConfig | None = None):
+                 packing: str = "gptq", backend: str | None = None, config: tuning.KernelConfig | None = None):
   """x [..., K] @ W [K, N] -> [..., N] in x's dtype, W = (q - z) * s dequantized on the fly.
 
   Args:
@@ -160,12 +172,18 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
       Concrete g_idx is checked here (every group must own exactly G rows); traced g_idx is checked on
       the device, and a failed check turns the output into NaN rather than a silently wrong result.
     perm: [K] int, qweight's rows are already sorted by group; x's columns are gathered by perm.
+    packing: "gptq" (qweight as above) or "fragment": qweight [N, K // 8] from `jw4a16.layout.to_fragment_packed`
+      (or `QuantizedWeight.repack`), done once at load time; K and G multiples of 64, no g_idx (use perm).  The
+      fastest layout on H100 (`jw4a16.preferred_packing` says which to use on this device).
     backend: "auto" (default; or $JW4A16_BACKEND), "triton" or "reference".
     config: a `jw4a16.tuning.KernelConfig` to force a tile shape (Triton path only).
 
   Inference only: jax.grad through it raises.  Works under jax.jit and jax.vmap (a vmap over x folds into M).
   """
-  k, n, g = checks.check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx, perm)
+  k, n, g = checks.check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx, perm, packing)
+  if config is not None and (config.kernel == "frag") != (packing == "fragment"):
+    raise ValueError(f"config.kernel={config.kernel!r} does not read packing={packing!r} weights: kernel 'frag' "
+                     "reads packing='fragment', the others packing='gptq'")
   path = resolve_backend(backend)
   valid = None  # traced g_idx: its check runs on the device
   if g_idx is not None:
@@ -179,14 +197,14 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
     checks.check_perm(known)
 
   if path == "reference":
-    out = _reference_call(g, zp_bias)(x, qweight, scales, qzeros, g_idx, perm)
+    out = _reference_call(g, zp_bias, packing)(x, qweight, scales, qzeros, g_idx, perm)
   else:
     if g_idx is not None:  # act-order rows in checkpoint order: sort them by group for this call
       qweight, perm = jnp.take(qweight, sort, axis=0), sort
     if perm is not None:
       x = jnp.take(x, jnp.asarray(perm, jnp.int32), axis=-1)
     lead = x.shape[:-1]
-    out = _batched_kernel_call(g, zp_bias, config)(x.reshape(math.prod(lead), k), qweight, scales, qzeros)
+    out = _batched_kernel_call(g, zp_bias, config, packing)(x.reshape(math.prod(lead), k), qweight, scales, qzeros)
     out = out.reshape(*lead, n)
   if valid is not None:
     out = jnp.where(valid, out, jnp.nan).astype(x.dtype)
@@ -196,4 +214,4 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
 def quantized_matmul(x, w: QuantizedWeight, *, backend: str | None = None, config=None):
   """`w4a16_matmul` on a QuantizedWeight."""
   return w4a16_matmul(x, w.qweight, w.scales, w.qzeros, group_size=w.group_size, zp_bias=w.zp_bias, perm=w.perm,
-                      backend=backend, config=config)
+                      packing=w.packing, backend=backend, config=config)

@@ -87,8 +87,8 @@ def quantize_dense_params(params, select: Callable[[tuple[str, ...]], bool] = la
   return walk(params, ())
 
 
-def weight_from_params(p: dict, group_size: int, zp_bias: int = 8) -> QuantizedWeight:
-  return QuantizedWeight(p["qweight"], p["scales"], p.get("qzeros"), p.get("perm"), group_size, zp_bias)
+def weight_from_params(p: dict, group_size: int, zp_bias: int = 8, packing: str = "gptq") -> QuantizedWeight:
+  return QuantizedWeight(p["qweight"], p["scales"], p.get("qzeros"), p.get("perm"), group_size, zp_bias, packing)
 
 
 __all__ = ["error_bound", "layer_params", "quantize", "quantize_dense_params", "weight_from_params"]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jw4a16 import checks
+from jw4a16 import checks, layout
 
 
 @jax.tree_util.register_dataclass
@@ -16,12 +16,13 @@ from jw4a16 import checks
 class QuantizedWeight:
   """A [K, N] int4 weight in kernel layout.
 
-  qweight [K, N // 8] int32: packed along N, column 8j+i of row k in bits 4i..4i+3 of word (k, j).
+  qweight [K, N // 8] int32: packed along N, column 8j+i of row k in bits 4i..4i+3 of word (k, j); or with
+          packing="fragment", [N, K // 8] packed along K in Hopper's wgmma operand order (`repack`).
   scales  [K // G, N] float16 | bfloat16.
   qzeros  [K // G, N // 8] int32 packed like qweight, or None (symmetric: zero = zp_bias).
   perm    [K] int32 or None: act-order checkpoints.  Rows of qweight are stored sorted by group, so row i uses
           group i // G; the op gathers x's columns by perm at run time (x[..., perm]).
-  group_size is the resolved G (K for channelwise).
+  group_size is the resolved G (K for channelwise).  packing: "gptq" or "fragment" (see jw4a16.checks.PACKINGS).
   """
 
   qweight: jax.Array
@@ -30,11 +31,31 @@ class QuantizedWeight:
   perm: jax.Array | None = None
   group_size: int = dataclasses.field(default=128, metadata=dict(static=True))
   zp_bias: int = dataclasses.field(default=8, metadata=dict(static=True))
+  packing: str = dataclasses.field(default="gptq", metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, int]:
     """The logical (K, N) of the weight."""
+    if self.packing == "fragment":
+      return (self.qweight.shape[-1] * 8, self.scales.shape[-1])
     return (self.qweight.shape[-2], self.scales.shape[-1])
+
+  def repack(self, packing: str) -> QuantizedWeight:
+    """This weight with qweight in `packing` ("gptq" or "fragment"); itself if already so.  Numpy arrays stay on
+    the host (the loaders' case); a stacked [L, ...] qweight (scanned layers) is repacked per layer.  Raises a
+    ValueError naming K and the group size where "fragment" cannot hold them (multiples of 64 needed)."""
+    if packing == self.packing:
+      return self
+    k, _ = self.shape
+    checks.check_packing(packing, k, self.group_size)
+    convert = layout.to_fragment_packed if packing == "fragment" else layout.from_fragment_packed
+    qweight = self.qweight
+    if qweight.ndim == 3:
+      xp = np if isinstance(qweight, np.ndarray) else jnp
+      qweight = xp.stack([convert(q) for q in qweight])
+    else:
+      qweight = convert(qweight)
+    return dataclasses.replace(self, qweight=qweight, packing=packing)
 
   @property
   def symmetric(self) -> bool:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jw4a16 import checks
-from jw4a16.layout import unpack_int4
+from jw4a16.layout import from_fragment_packed, unpack_int4
 
 
-def dequantize(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None, dtype=None):
+def dequantize(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None, dtype=None,
+               packing: str = "gptq"):
   """[K, N // 8] int32 packed weights -> [K, N] floats: W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n].
 
   g(k) = g_idx[k] when given (act-order rows in checkpoint order), else k // group_size.  `dtype` defaults to
-  scales' dtype.
+  scales' dtype.  packing="fragment": qweight is [N, K // 8] (layout.to_fragment_packed).
   """
+  if packing == "fragment":
+    qweight = from_fragment_packed(jnp.asarray(qweight))
   k = qweight.shape[0]
   g = checks.resolve_group_size(group_size, k)
   q = unpack_int4(jnp.asarray(qweight), axis=1).astype(jnp.float32)
@@ -31,14 +34,15 @@ def dequantize(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 
 
 
 def w4a16_matmul_reference(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None,
-                           perm=None):
+                           perm=None, packing: str = "gptq"):
   """x [..., K] @ dequantize(...) [K, N] -> [..., N] in x's dtype, fp32 accumulation.
 
   perm: rows of qweight are already sorted by group (see `jw4a16.QuantizedWeight`); x's columns are gathered by
   it: out = x[..., perm] @ W.
   """
-  checks.check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx, perm)
-  w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, g_idx=g_idx, dtype=x.dtype)
+  checks.check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx, perm, packing)
+  w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, g_idx=g_idx, dtype=x.dtype,
+                 packing=packing)
   if perm is not None:
     x = jnp.take(x, jnp.asarray(perm, jnp.int32), axis=-1)
   # float32 operands hold the bf16/fp16 values exactly, so this is the 16-bit product with fp32 accumulation; XLA

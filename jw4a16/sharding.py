@@ -62,18 +62,19 @@ def parallel_matmul(x, w: QuantizedWeight, mode: str, axis: str, *, mesh=None, b
 
   def local(x, qweight, scales, qzeros):
     y = w4a16_matmul(x, qweight, scales, qzeros if has_zp else None, group_size=w.group_size, zp_bias=w.zp_bias,
-                     backend=backend, config=config)
+                     packing=w.packing, backend=backend, config=config)
     return jax.lax.psum(y, axis) if mode == "row" else y
 
   if w.perm is not None:  # rows of qweight are sorted by group: permute x's columns once, globally
     x = jnp.take(x, w.perm, axis=-1)
   wspec = P(None, axis) if mode == "column" else P(axis, None)
+  qspec = P(*reversed(tuple(wspec))) if w.packing == "fragment" else wspec  # fragment: qweight is [N, K // 8]
   xspec = P(*lead, None) if mode == "column" else P(*lead, axis)
   ospec = P(*lead, axis) if mode == "column" else P(*lead, None)
   qzeros = w.qzeros if has_zp else jnp.zeros((1, 1), jnp.int32)
   zspec = wspec if has_zp else P()
   args = (x, w.qweight, w.scales, qzeros)
-  specs = (xspec, wspec, wspec, zspec)
+  specs = (xspec, qspec, wspec, zspec)
   if jax.sharding.AxisType.Explicit in tuple(getattr(mesh, "axis_types", ())):
     # explicit-sharding meshes type-check shard_map inputs: move each to its spec (a no-op when already there)
     args = tuple(jax.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))
@@ -86,12 +87,13 @@ def layer_matmul(x, w: QuantizedWeight, parallel: str | None, axis: str, *, back
   if parallel is not None:
     return parallel_matmul(x, w, parallel, axis, backend=backend)
   return w4a16_matmul(x, w.qweight, w.scales, w.qzeros, group_size=w.group_size, zp_bias=w.zp_bias, perm=w.perm,
-                      backend=backend)
+                      packing=w.packing, backend=backend)
 
 
 def param_shardings(w: QuantizedWeight, mode: str, axis: str, mesh) -> QuantizedWeight:
   """NamedShardings for one weight, shaped like it: pass a tree of these to checkpoint.restore(shardings=)."""
   spec = P(None, axis) if mode == "column" else P(axis, None)
   named = NamedSharding(mesh, spec)
-  return QuantizedWeight(named, named, None if w.qzeros is None else named,
-                         None if w.perm is None else NamedSharding(mesh, P()), w.group_size, w.zp_bias)
+  qnamed = NamedSharding(mesh, P(*reversed(tuple(spec)))) if w.packing == "fragment" else named
+  return QuantizedWeight(qnamed, named, None if w.qzeros is None else named,
+                         None if w.perm is None else NamedSharding(mesh, P()), w.group_size, w.zp_bias, w.packing)

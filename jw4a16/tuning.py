@@ -17,7 +17,7 @@ import os
 import pathlib
 import tempfile
 
-KERNEL_NAMES = ("tile", "gemv")  # the keys of jw4a16.kernels.KERNELS (imported lazily: it needs triton)
+KERNEL_NAMES = ("tile", "gemv", "frag")  # the keys of jw4a16.kernels.KERNELS (imported lazily: it needs triton)
 GEMV_BLOCK_K = 8  # rows per lane and step of the gemv kernel: its register pipeline carries exactly 8
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 CACHE_ENV = "JW4A16_CACHE_DIR"
@@ -29,8 +29,11 @@ class KernelConfig:
 
   kernel "tile" is w4a16_gemm_kernel (tl.dot on tensor cores for block_m >= 16; block_m == 1 is its older GEMV
   body); kernel "gemv" is w4a16_gemv_kernel (block_m = 1 or 2 rows of x per program, fp32 FMAs over word
-  planes, the program's K range cut into k_lanes interleaved lanes of block_k rows).  split_k > 1 splits K over that
-  many programs per tile, whose fp32 partials the last one to finish sums (kernels/splitk.py).  num_warps
+  planes, the program's K range cut into k_lanes interleaved lanes of block_k rows); kernel "frag" is
+  w4a16_frag_kernel, the only one for weights with packing="fragment" (out^T = W^T x^T with block_n weight
+  columns as the MMA's M; block_k a multiple of 64; scale_w=1 scales the weight tile before the dot).
+  split_k > 1 splits K over that many programs per tile, whose fp32 partials the last one to finish sums
+  (kernels/splitk.py).  num_warps
   counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
   """
 
@@ -48,9 +51,10 @@ class KernelConfig:
   waves_per_eu: int = 0
   matrix_instr_nonkdim: int = 0
   kpack: int = 1
-  kernel: str = "tile"  # "tile" | "gemv", see above
+  kernel: str = "tile"  # "tile" | "gemv" | "frag", see above
   k_lanes: int = 1  # gemv only
   swap_ab: int = 0  # tile only (block_m >= 8): compute out^T = W^T x^T, see kernels/w4a16_gemm.py
+  scale_w: int = 0  # frag only: see kernels/w4a16_frag.py
 
   def __post_init__(self):
     if self.kernel not in KERNEL_NAMES:
@@ -77,12 +81,20 @@ class KernelConfig:
                        f"block_m >= 8 (block_m={self.block_m}, kernel={self.kernel!r})")
     if self.split_k < 1:
       raise ValueError(f"KernelConfig.split_k={self.split_k} must be >= 1")
+    if self.scale_w not in (0, 1) or (self.scale_w and self.kernel != "frag"):
+      raise ValueError(f"KernelConfig.scale_w={self.scale_w} must be 0 or 1, and 1 only for kernel 'frag'")
+    if self.kernel == "frag" and (self.block_k % 64 or self.block_m < 8 or self.block_n < 64):
+      raise ValueError(f"KernelConfig for kernel 'frag': block_k={self.block_k} must be a multiple of 64 (the "
+                       f"packing's blocks), block_m={self.block_m} >= 8, block_n={self.block_n} >= 64")
 
   def meta(self) -> dict:
     """The kernel's constexpr tile parameters."""
     if self.kernel == "gemv":
       return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k, K_LANES=self.k_lanes,
                   ROWS=self.block_m)
+    if self.kernel == "frag":
+      return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
+                  SCALE_W=self.scale_w)
     return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPLIT_K=self.split_k,
                 GROUP_M=self.group_m, UNPACK=self.unpack, SWAP_AB=self.swap_ab)
 
@@ -105,6 +117,8 @@ class KernelConfig:
     if self.kernel == "gemv":
       return self.k_lanes * self.block_n * 4
     per_stage = self.block_m * self.block_k * act_bytes + self.block_k * self.block_n // 2
+    if self.kernel == "frag":  # its dequantized tile stays in registers
+      return per_stage * max(self.num_stages - 1, 1)
     return per_stage * max(self.num_stages - 1, 1) + self.block_k * self.block_n * act_bytes
 
   def to_json(self) -> dict:
@@ -147,8 +161,9 @@ def m_bucket(m: int) -> int:
   return 1 if m <= 1 else min(1 << (m - 1).bit_length(), 4096)
 
 
-def table_key(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool) -> str:
-  return f"m{m_bucket(m)}_k{k}_n{n}_g{group_size}_{dtype}_{'asym' if has_zp else 'sym'}"
+def table_key(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool, packing: str = "gptq") -> str:
+  key = f"m{m_bucket(m)}_k{k}_n{n}_g{group_size}_{dtype}_{'asym' if has_zp else 'sym'}"
+  return key + "_frag" if packing == "fragment" else key
 
 
 def _split_k(target: Target, tiles: int, k: int, min_rows: int, waves: float, max_split: int = 1 << 30) -> int:
@@ -218,6 +233,26 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
   return KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
 
 
+def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
+  """Defaults of the fragment-packed kernel, read off the session-7 H100 sweep
+  (benchmarks/results/sweep-frag-h100-2026-11-26-s7.json; within 7 % of each shape's best on average over its 66
+  (shape, M) points, 50 % at worst): 8- to 32-row tiles of x against 64 weight columns, scaled weights, split
+  along K until about 4 programs per SM, up to M = 32; 64 x 128 tiles at M = 64; 128 x 128 to M = 256 and
+  128 x 256 beyond.  On AMD (not measured; the kernel's layout is tailored to Hopper's wgmma) the same shapes."""
+  del group_size  # select_config legalizes block_k against it
+  if m <= 32:
+    bm, bn, bk, warps, stages, programs = (8 if m <= 8 else 16 if m <= 16 else 32), 64, 128, 4, 3, 512
+  elif m <= 64:
+    bm, bn, bk, warps, stages, programs = 64, 128, 128, 8, 3, 200
+  elif m <= 256:
+    bm, bn, bk, warps, stages, programs = 128, 128, 64, 8, 3, target.num_sms
+  else:
+    bm, bn, bk, warps, stages, programs = 128, 256, 64, 8, 4, 1
+  tiles = math.ceil(m / bm) * math.ceil(n / bn)
+  split = _split_k(target, tiles, k, 2 * bk, programs / target.num_sms, max_split=32)
+  return KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag", scale_w=1)
+
+
 @functools.lru_cache(maxsize=None)
 def shipped_table(target_name: str) -> dict[str, KernelConfig]:
   path = CONFIG_DIR / f"{target_name}.json"
@@ -264,6 +299,11 @@ def record_tuned(target_name: str, entries: dict[str, KernelConfig]) -> pathlib.
   return path
 
 
+# Targets where `ops.preferred_packing` picks packing="fragment": on H100 its kernel beat the GPTQ-packed kernels
+# at every M measured from 2 to 2048 (1.25 - 2.23x) and the gemv kernel at M = 1 on 4 of 6 shapes (session 7,
+# docs/performance.md).  H200 is the same chip with more memory (not measured separately).
+FRAGMENT_TARGETS = frozenset({"h100", "h200"})
+
 # Measured on H100 (docs/performance.md): from this M on, XLA's one-pass dequantization to a bf16 weight plus
 # cuBLAS beats the fused kernel, whose in-loop dequantization competes with the tensor cores for issue slots.
 DENSE_FROM_M = {"h100": 512, "h200": 512}
@@ -275,9 +315,12 @@ def use_dequant_gemm(m: int, target: Target) -> bool:
 
 
 def legalize(cfg: KernelConfig, k: int, group_size: int) -> KernelConfig:
-  """The kernel needs BLOCK_K to divide the group (each K step inside one group); clamp block_k to G."""
+  """The kernels need BLOCK_K to divide the group (each K step inside one group); clamp block_k to G.  The frag
+  kernel also needs it to divide K (K is a multiple of 64 there)."""
   if group_size < k and cfg.block_k > group_size:
     return dataclasses.replace(cfg, block_k=group_size)
+  if cfg.kernel == "frag" and k % cfg.block_k:
+    return dataclasses.replace(cfg, block_k=64)
   return cfg
 
 
@@ -302,8 +345,13 @@ def disabled_kernels() -> frozenset[str]:
 
 
 def select_config(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: bool,
-                  target: Target = H100) -> KernelConfig:
-  key = table_key(m, k, n, group_size, dtype, has_zp)
+                  target: Target = H100, packing: str = "gptq") -> KernelConfig:
+  key = table_key(m, k, n, group_size, dtype, has_zp, packing)
+  if packing == "fragment":  # one kernel reads this packing
+    for table in (user_table(target.name), shipped_table(target.name)):
+      if key in table and table[key].kernel == "frag":
+        return legalize(table[key], k, group_size)
+    return legalize(frag_heuristic(m, k, n, group_size, target), k, group_size)
   off = disabled_kernels()
   for table in (user_table(target.name), shipped_table(target.name)):
     if key in table and table[key].kernel not in off:
@@ -337,6 +385,27 @@ def gemv_candidates(m: int, k: int, n: int, group_size: int, target: Target = H1
         continue
       out.append(gemv_config(bn, GEMV_BLOCK_K, lanes, split, target, rows=rows))
   return [legalize(c, k, group_size) for c in out]
+
+
+def frag_candidates(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:
+  """The fragment-packed kernel's search space at one M bucket (the session-7 sweep's grid): tiles of x sized to
+  M, 64 or 128 weight columns (256 from M = 512), both scale placements up to M = 32, splits along K giving
+  about 1 - 8 programs per SM, pruned by shared memory."""
+  out = []
+  mb = m_bucket(m)
+  bms = {min(max(8, mb), 256 if mb >= 512 else 128)} | ({8, 16} if mb <= 8 else set()) | ({64} if mb >= 128 else set())
+  for bm, bn, bk, warps, stages, scale_w in itertools.product(
+      sorted(bms), (64, 128, 256), (64, 128), (4, 8), (3, 4), (0, 1) if mb <= 32 else (1,)):
+    if (bn == 256) != (mb >= 512) or (bn == 64 and warps == 8) or (mb <= 32 and (bk, warps, stages) != (128, 4, 3)):
+      continue
+    tiles = math.ceil(m / bm) * math.ceil(n / bn)
+    for split in (1, 2, 4, 8, 16, 32):
+      if k // split < 2 * bk or (split > 1 and not tiles * split <= 8 * target.num_sms):
+        continue
+      out.append(KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag",
+                              scale_w=scale_w))
+  out = dict.fromkeys(legalize(c, k, group_size) for c in out)
+  return [c for c in out if fits(c, target) and k // c.split_k >= c.block_k]
 
 
 def candidate_configs(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:

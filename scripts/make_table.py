@@ -7,6 +7,11 @@ unmeasured buckets up to 256 taking the nearest measured M.  bf16, symmetric, th
 --gemv-from: only these sweeps' gemv rows count (the others' were measured with an older gemv kernel); a bucket
 up to tuning.GEMV_MAX_M whose best row comes from another sweep is left out of the table, so the dispatcher's
 gemv heuristic answers it rather than a tile config that the current gemv kernel may beat.
+
+--frag SWEEP ...: instead, rewrite only the table's packing="fragment" entries (keys ending in _frag) from these
+sweeps of the frag kernel (measured M buckets only), keeping every other entry as it is:
+
+  python scripts/make_table.py h100 --frag benchmarks/results/sweep-frag-h100-2026-11-26-s7.json
 """
 
 import argparse
@@ -20,11 +25,14 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("sweep", nargs="+", help="sweep files; a later file's (K, N, M) rows replace earlier ones'")
+  p.add_argument("sweep", nargs="*", help="sweep files; a later file's (K, N, M) rows replace earlier ones'")
   p.add_argument("gpu")
+  p.add_argument("--frag", nargs="+", default=None, help="frag-kernel sweeps: rewrite only the _frag entries")
   p.add_argument("--group", type=int, default=128)
   p.add_argument("--gemv-from", nargs="*", default=None, help="sweeps whose gemv rows are current (default: all)")
   a = p.parse_args()
+  if a.frag:
+    return frag_entries(a.gpu, a.frag, a.group)
   gemv_max_m = GEMV_MAX_M.get(a.gpu, 1)
   best = {}
   for path in a.sweep:
@@ -58,6 +66,30 @@ def main():
   out = CONFIG_DIR / f"{a.gpu}.json"
   out.write_text(json.dumps({"source": " ".join(a.sweep), "configs": table}, indent=1, sort_keys=True))
   print(f"wrote {len(table)} entries to {out}")
+
+
+def frag_entries(gpu: str, sweeps: list[str], group: int):
+  """The fastest frag config per measured (K, N, M bucket), for all four dtype / symmetry keys (the sweeps
+  measure bf16 symmetric), merged into configs/<gpu>.json in place of its old _frag entries."""
+  best = {}
+  for path in sweeps:
+    for r in json.loads(pathlib.Path(path).read_text()):
+      if r["config"].get("kernel") != "frag" or r["m"] not in BUCKETS:
+        continue
+      key = (r["k"], r["n"], r["m"])
+      if key not in best or r["us"] < best[key]["us"]:
+        best[key] = r
+  out = CONFIG_DIR / f"{gpu}.json"
+  doc = json.loads(out.read_text())
+  table = {key: cfg for key, cfg in doc["configs"].items() if not key.endswith("_frag")}
+  for (k, n, m), r in sorted(best.items()):
+    cfg = legalize(KernelConfig(**r["config"]), k, group)
+    for dtype in ("bfloat16", "float16"):
+      for has_zp in (False, True):
+        table[table_key(m, k, n, group, dtype, has_zp, "fragment")] = cfg.to_json()
+  doc.update(configs=table, frag_source=" ".join(sweeps))
+  out.write_text(json.dumps(doc, indent=1, sort_keys=True))
+  print(f"wrote {len(best) * 4} _frag entries ({len(table)} in all) to {out}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Launching the Triton kernel in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py).
 
-Triton 3.9's interpreter stores bf16 as raw uint16: its tl.dot multiplies the raw bits and its float32 -> bf16
-cast truncates without carrying into the exponent.  `patch_interpreter` upcasts bf16 dot operands and rounds
-float32 -> bf16 to nearest even through ml_dtypes, as the GPU does.  The kernel source itself is unchanged.
+Triton 3.9's interpreter stores bf16 as raw uint16: its tl.dot and its float add / sub / mul work on the raw bits
+and its float32 -> bf16 cast truncates without carrying into the exponent.  `patch_interpreter` upcasts bf16 dot
+operands, computes bf16 add / sub / mul in float32 rounded once to bf16 (as the GPU's bf16x2 instructions do),
+and rounds float32 -> bf16 to nearest even through ml_dtypes, as the GPU does.  The kernel source itself is unchanged.
 """
 
 import functools
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 import triton.language as tl
 
-from jw4a16 import checks, tuning
+from jw4a16 import checks, layout, tuning
 from jw4a16.kernels import KERNELS
 
 
@@ -38,6 +39,16 @@ def patch_interpreter():
       return np.asarray(data).view(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
     return orig_convert(data, input_dtype, output_dtype, rounding_mode)
 
+  def bf16_op(orig, op):
+    def create(self, lhs, rhs):
+      if lhs.dtype.scalar != tl.bfloat16:
+        return orig(self, lhs, rhs)
+      out = op(up(lhs).data, up(rhs).data).astype(ml_dtypes.bfloat16).view(np.uint16)
+      return interp.TensorHandle(out, lhs.dtype.scalar)
+    return create
+
+  for name, op in (("create_fadd", np.add), ("create_fsub", np.subtract), ("create_fmul", np.multiply)):
+    setattr(interp.InterpreterBuilder, name, bf16_op(getattr(interp.InterpreterBuilder, name), op))
   interp.InterpreterBuilder.create_dot = create_dot
   interp._convert_float = convert_float
 
@@ -50,7 +61,8 @@ def _torch(a):
 
 
 def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConfig, zp_bias=8, g_idx=None):
-  """Mirrors ops._launch (act-order sort, split-K scratch) with CPU torch tensors; returns float32 numpy."""
+  """Mirrors ops._launch (act-order sort, split-K scratch) with CPU torch tensors; returns float32 numpy.
+  qweight in GPTQ packing; the frag kernel gets it repacked (layout.to_fragment_packed), without inline PTX."""
   patch_interpreter()
   x = np.asarray(x)
   qweight = np.asarray(qweight)
@@ -68,9 +80,13 @@ def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConf
   partials = torch.full(partials, float("nan"))  # garbage, as on the GPU: every slot read must be written first
   locks = torch.zeros(locks, dtype=torch.int32)
   s = _torch(scales)
+  extra = {}
+  if cfg.kernel == "frag":
+    qweight, extra = layout.to_fragment_packed(qweight), {"PTX": 0}
   KERNELS[cfg.kernel][cfg.grid(m, n)](
       _torch(x2), _torch(qweight), s, s if qzeros is None else _torch(qzeros), m, out, partials, locks,
-      N=n, K=k, GROUP_SIZE=g, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, num_warps=cfg.num_warps, **cfg.meta())
+      N=n, K=k, GROUP_SIZE=g, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, num_warps=cfg.num_warps, **cfg.meta(),
+      **extra)
   if cfg.split_k > 1:  # every program of every tile took exactly one ticket
     assert (locks == cfg.split_k).all(), locks
   return out.float().numpy().reshape(*x.shape[:-1], n)

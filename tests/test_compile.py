@@ -34,6 +34,16 @@ def dispatchable(target_name):
   return sorted(((c, k, n, m) for c, (k, n, m) in seen.items()), key=str)
 
 
+def frag_dispatchable(target_name):
+  """(config, K, N, M) for the distinct frag configs select_config returns for packing="fragment"."""
+  target = HEURISTIC_TARGET[target_name]
+  seen = {}
+  for k, n in SHAPES[:2]:
+    for m in (1, 16, 64, 256):
+      seen.setdefault(tuning.select_config(m, k, n, 128, "bfloat16", False, target, "fragment"), (k, n, m))
+  return sorted(((c, k, n, m) for c, (k, n, m) in seen.items()), key=str)
+
+
 # The last field: M == 1, which jax-triton compiles as the constexpr 1 (the decode kernels).
 JOBS = {t: [(c, k, n, g, dtype, zp, m == 1) for c, k, n, m in dispatchable(t)
             for g, dtype, zp in ((128, "bfloat16", False), (128, "float16", True))] +
@@ -44,7 +54,10 @@ JOBS = {t: [(c, k, n, g, dtype, zp, m == 1) for c, k, n, m in dispatchable(t)
             for zp in (False, True)] +
            # the swapped tile (out^T = W^T x^T) likewise, 16 and 32 rows of x
            [(tuning.KernelConfig(bm, 64, 128, split_k=4, num_stages=3, swap_ab=1), 4096, 6144, 128, dtype, zp, False)
-            for bm, dtype, zp in ((16, "bfloat16", False), (32, "float16", True))]
+            for bm, dtype, zp in ((16, "bfloat16", False), (32, "float16", True))] +
+           # the fragment-packed kernel: what the dispatcher picks for packing="fragment" on two shapes
+           [(c, k, n, 128, dtype, zp, m == 1) for c, k, n, m in frag_dispatchable(t)
+            for dtype, zp in (("bfloat16", False), ("float16", True))]
         for t in TARGETS}
 
 
@@ -73,6 +86,6 @@ def test_compiles_within_limits(target, i):
   assert rep["spills"] == 0, rep
   assert ("hsaco" if target.startswith("gfx") else "cubin") in rep["asm_keys"]
   if cfg.block_m >= 16:  # tl.dot must land on the matrix units; wgmma where its M (64 rows) is filled
-    wgmma = target == "sm90" and (cfg.block_n if cfg.swap_ab else cfg.block_m) >= 64
+    wgmma = target == "sm90" and (cfg.block_n if cfg.swap_ab or cfg.kernel == "frag" else cfg.block_m) >= 64
     expected = "v_mfma" if target.startswith("gfx") else ("wgmma" if wgmma else "mma")
     assert rep["matrix_unit"] == expected, rep

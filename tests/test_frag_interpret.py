@@ -26,7 +26,8 @@ def test_to_fragment_packed_places_each_value():
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("kng,bm,bk,split", [((256, 72, 128), 16, 64, 1), ((384, 136, 64), 16, 64, 4),
                                              ((256, 64, -1), 32, 128, 3), ((512, 80, 128), 16, 128, 2)])
-def test_frag_kernel(kng, bm, bk, split, dtype, symmetric):
+@pytest.mark.parametrize("scale_w", [0, 1])
+def test_frag_kernel(kng, bm, bk, split, dtype, symmetric, scale_w):
   from jw4a16.kernels.w4a16_frag import w4a16_frag_kernel  # noqa: PLC0415
   from tests.interpret import _torch, patch_interpreter  # noqa: PLC0415
 
@@ -44,5 +45,5 @@ def test_frag_kernel(kng, bm, bk, split, dtype, symmetric):
   w4a16_frag_kernel[grid](_torch(x), _torch(layout.to_fragment_packed(np.asarray(qw))), st,
                           st if qz is None else _torch(qz), m, out, partials, locks, N=n, K=k,
                           GROUP_SIZE=k if g == -1 else g, HAS_ZP=qz is not None, ZP_BIAS=8, BLOCK_M=bm, BLOCK_N=bn,
-                          BLOCK_K=bk, SPLIT_K=split)
+                          BLOCK_K=bk, SPLIT_K=split, SCALE_W=scale_w)
   assert_close(out.float().numpy(), np.asarray(x, np.float64) @ w, dtype)

@@ -128,14 +128,18 @@ def test_split_k_epilogue_is_exact_and_deterministic(cfg):
   assert_close(outs[0].view(jnp.bfloat16), np.asarray(x, np.float64) @ w, "bfloat16")
 
 
+@pytest.mark.parametrize("packing", ["gptq", "fragment", "auto"])
 @pytest.mark.parametrize("name", ["jw4a16/assets/tiny-llama-w4a16", "tests/fixtures/llama-w4a16-asym"])
-def test_llama_logits_on_gpu(name):
+def test_llama_logits_on_gpu(name, packing):
   """The real checkpoint through the Triton path: logits against transformers' (bf16 tolerance)."""
   import json  # noqa: PLC0415
 
   from jw4a16.models import llama  # noqa: PLC0415
 
-  m = llama.load(name, progress=False)
+  m = llama.load(name, progress=False, packing=packing)
+  if packing == "auto":  # H100 / H200 load the fragment packing
+    want = "fragment" if jw4a16.ops.current_target().name in tuning.FRAGMENT_TARGETS else "gptq"
+    assert {spec[3] for _, spec in m.quant.layers} == {want}
   fx = json.load(open(f"{name}/fixture.json"))
   ref = np.load(f"{name}/reference_logits.npy")
   got = np.asarray(m(np.array([fx["input_ids"]])))
@@ -175,3 +179,69 @@ def test_gemv_two_rows_per_program(m, symmetric):
   out = jax.jit(lambda x: jw4a16.w4a16_matmul(x, qw, s, qz, group_size=128, config=cfg, backend="triton"))(x)
   assert out.shape == (m, n)
   assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("group_size", [64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fragment_jit_matches_reference(m, group_size, symmetric, dtype):
+  """packing="fragment" through the dispatcher (act-order weights: sorted once, then repacked, perm passed)."""
+  k, n = 512, 200
+  qw, s, qz, g_idx, w = make_weights(k, n, group_size, symmetric=symmetric, dtype=dtype, act_order=symmetric)
+  qweight = jw4a16.QuantizedWeight.from_act_order(qw, s, qz, g_idx if symmetric else np.arange(k) // (
+      k if group_size == -1 else group_size), group_size=group_size).repack("fragment")
+  x = make_x((m, k), dtype)
+  out = jax.jit(lambda x, w: jw4a16.quantized_matmul(x, w))(x, qweight)
+  assert out.dtype == x.dtype and out.shape == (m, n)
+  assert_close(out, np.asarray(x, np.float64) @ w, dtype)
+
+
+FRAG_CONFIGS = [tuning.KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag",
+                                    scale_w=sw)
+                for bm, bn, bk, split, warps, stages, sw in (
+                    (8, 64, 128, 1, 4, 3, 0), (8, 128, 128, 4, 4, 3, 1), (16, 64, 128, 3, 4, 3, 0),
+                    (16, 64, 64, 8, 4, 4, 1), (32, 128, 128, 2, 8, 3, 1), (64, 128, 128, 1, 8, 3, 1),
+                    (64, 64, 64, 5, 4, 4, 1), (128, 128, 64, 2, 8, 3, 1), (128, 256, 64, 1, 8, 4, 1),
+                    (256, 128, 64, 1, 8, 3, 1))]
+
+
+@pytest.mark.parametrize("cfg", FRAG_CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("kng", [(4096, 6144, 128), (256, 1040, -1), (512, 72, 64)])
+def test_frag_configs(cfg, dtype, symmetric, kng):
+  """The frag kernel's tiles on the GPU: M not a multiple of its rows, even, uneven and empty splits, N past and
+  not a multiple of a tile, zero points, both dtypes, both scale placements, the inline-PTX unpacking."""
+  k, n, g = kng
+  qw, s, qz, _, w = make_weights(k, n, g, symmetric=symmetric, dtype=dtype)
+  x = make_x((2 * cfg.block_m + 3, k), dtype)
+  cfg = tuning.legalize(cfg, k, k if g == -1 else g)
+  fq = jw4a16.layout.to_fragment_packed(qw)
+  out = jw4a16.w4a16_matmul(x, fq, s, qz, group_size=g, packing="fragment", config=cfg, backend="triton")
+  assert_close(out, np.asarray(x, np.float64) @ w, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024])
+@pytest.mark.parametrize("kn", [(4096, 6144), (14336, 4096)])
+def test_fragment_real_shapes_every_bucket(m, kn):
+  """The shipped table's frag entries (and the dequantize-then-GEMM route from the fragment packing at M = 1024)."""
+  k, n = kn
+  qw, s, _, _, w = make_weights(k, n, 128, dtype="bfloat16")
+  fq = jw4a16.layout.to_fragment_packed(qw)
+  x = make_x((m, k))
+  out = jax.jit(lambda x: jw4a16.w4a16_matmul(x, fq, s, group_size=128, packing="fragment"))(x)
+  assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
+
+
+def test_frag_split_k_is_deterministic():
+  k, n = 8192, 4096
+  qw, s, _, _, w = make_weights(k, n, 128)
+  fq = jnp.asarray(jw4a16.layout.to_fragment_packed(qw))
+  cfg = tuning.KernelConfig(16, 64, 128, split_k=16, kernel="frag")
+  f = jax.jit(lambda x, q: [jw4a16.w4a16_matmul(x, q, s, group_size=128, packing="fragment", config=cfg,
+                                                backend="triton") for _ in range(3)])
+  x = make_x((20, k))
+  outs = [np.asarray(o).view(np.uint16) for _ in range(10) for o in f(x, fq)]
+  assert all((o == outs[0]).all() for o in outs)
+  assert_close(outs[0].view(jnp.bfloat16), np.asarray(x, np.float64) @ w, "bfloat16")

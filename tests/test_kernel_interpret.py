@@ -116,3 +116,20 @@ def test_wrong_nibble_order_is_caught():
     out = run_kernel(x, pack_int4(q, axis=1), s, None, group_size=128, cfg=cfg)
     with pytest.raises(AssertionError, match="rel"):
       assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("group_size", [64, 128, -1])
+@pytest.mark.parametrize("symmetric,dtype,act_order", [(True, "bfloat16", False), (False, "float16", True)])
+def test_frag_with_dispatched_configs(m, group_size, symmetric, dtype, act_order):
+  """The frag kernel (packing="fragment") with the configs the dispatcher picks for it on H100."""
+  from tests.interpret import run_kernel  # noqa: PLC0415
+
+  k, n = 256, 200
+  qw, s, qz, g_idx, w = make_weights(k, n, group_size, symmetric=symmetric, dtype=dtype, act_order=act_order)
+  x = make_x((m, k), dtype)
+  cfg = tuning.select_config(m, k, n, k if group_size == -1 else group_size, dtype, not symmetric, tuning.H100,
+                             "fragment")
+  assert cfg.kernel == "frag"
+  out = run_kernel(x, qw, s, qz, group_size=group_size, cfg=cfg, g_idx=g_idx)
+  assert_close(out, np.asarray(x, np.float64) @ w, dtype)

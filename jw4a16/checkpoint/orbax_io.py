@@ -23,7 +23,8 @@ def _split(params, path=()):
   """params -> (plain tree of arrays, {dotted path: quantized-weight static metadata})."""
   if isinstance(params, QuantizedWeight):
     arrays = {f: getattr(params, f) for f in QW_FIELDS if getattr(params, f) is not None}
-    return arrays, {".".join(path): dict(group_size=params.group_size, zp_bias=params.zp_bias)}
+    return arrays, {".".join(path): dict(group_size=params.group_size, zp_bias=params.zp_bias,
+                                         packing=params.packing)}
   if isinstance(params, dict):
     tree, meta = {}, {}
     for k, v in params.items():
@@ -37,7 +38,7 @@ def _join(tree, meta, path=()):
   key = ".".join(path)
   if key in meta:
     return QuantizedWeight(tree["qweight"], tree["scales"], tree.get("qzeros"), tree.get("perm"),
-                           meta[key]["group_size"], meta[key]["zp_bias"])
+                           meta[key]["group_size"], meta[key]["zp_bias"], meta[key].get("packing", "gptq"))
   if isinstance(tree, dict):
     return {k: _join(v, meta, path + (str(k),)) for k, v in tree.items()}
   return tree

@@ -1,17 +1,24 @@
-"""W4A16 on Hopper's wgmma from "fragment-packed" weights (layout.to_fragment_packed), for small M.
+"""W4A16 from "fragment-packed" weights (layout.to_fragment_packed), the kernel for packing="fragment".
 
-Experimental (work in progress, not dispatched): the swapped tile of w4a16_gemm (out^T = W^T x^T) reading
-weights repacked along K in the order the wgmma's register operand holds them, so the dequantized tile needs no
-layout conversion through shared memory and each bf16x2 (fp16x2) register pair is one shift and one LOP3:
+The swapped tile of w4a16_gemm (out^T = W^T x^T: block_n weight columns as the MMA's M, the rows of x as its N)
+reading weights repacked along K in the order Hopper's wgmma register operand holds them, so the dequantized
+tile needs no layout conversion through shared memory and each bf16x2 (fp16x2) register pair is one shift and
+one LOP3:
 
     ((word >> 4 q) & 0x000F000F) | 0x43004300  ->  the pair (128 + q_lo, 128 + q_hi) as two bf16
 
-(scripts/layout_probe.py shows both effects on a minimal loop, sm_90, Triton 3.9.)  The group correction is the
-tile kernel's: acc += (x^T-dot - (B + z) * rowsum(x)) * s per K step.
+(scripts/layout_probe.py shows both effects on a minimal loop.)  On H100 it ran 1.3 - 2.2x faster than the
+kernels on GPTQ's packing from M = 2 to 2048, and at M = 1 from 9 % slower to 20 % faster than the gemv kernel
+(docs/performance.md, session 7).  On other targets it is correct (Triton picks their MMA layouts) but not tuned.
 
 Arguments as the other kernels (x, qweight, scales, qzeros, M, out, partials, locks) except qweight:
   qweight [N, K // 8] int32, fragment-packed.  qzeros stay in the kernel layout [K // G, N // 8].
-Constexprs: N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_M, BLOCK_N, BLOCK_K (a multiple of 64), SPLIT_K.
+Constexprs: N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_M, BLOCK_N, BLOCK_K (a multiple of 64 dividing K and the
+group), SPLIT_K, and
+  SCALE_W: 1 applies the group's scale and zero to the weight tile in DTYPE before the dot (exact difference,
+    one rounding, as the reference), so the accumulator runs through the MMA chain untouched; 0 runs the dot on
+    B + q and corrects the fp32 accumulator after each K step: acc += (dot - (B + z) * rowsum(x)) * s.
+  PTX: 1 on NVIDIA only, the unpacking's AND + OR as one inline-PTX LOP3 (ptxas does not fuse two immediates).
 """
 
 import triton
@@ -27,13 +34,37 @@ def _halves(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _dequant_tile(words, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr):
-  """Fragment-packed words [BN, BK // 8] -> B + q [BN, BK] in DTYPE, K in natural order (B = 128 or 1024)."""
+def _magic_pairs(v, MASK: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr):
+  """(v & MASK) | MAGIC: one LOP3 with PTX (ptxas does not fuse the two immediates by itself), else two ops."""
+  if PTX:
+    return tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xea;", "=r,r", [v], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+  else:
+    return (v & MASK) | MAGIC
+
+
+@triton.jit
+def _pieces(words, DTYPE: tl.constexpr, PTX: tl.constexpr, HI16: tl.constexpr):
+  """Fragment-packed words [BN, W] -> four [BN, W, 2] DTYPE tensors, piece q holding nibbles q and q + 4 of each word
+  as B + v (B = 128 for bf16, 1024 for fp16), or with HI16 pieces 1 and 3 as B + 16 v (one shift less per word)."""
   MAGIC: tl.constexpr = 0x43004300 if DTYPE == tl.bfloat16 else 0x64006400
-  b0 = _halves((words & 0x000F000F) | MAGIC, DTYPE)
-  b1 = _halves(((words >> 4) & 0x000F000F) | MAGIC, DTYPE)
-  b2 = _halves(((words >> 8) & 0x000F000F) | MAGIC, DTYPE)
-  b3 = _halves(((words >> 12) & 0x000F000F) | MAGIC, DTYPE)
+  LO: tl.constexpr = 0x000F000F
+  HI: tl.constexpr = 0x00F000F0
+  w8 = words >> 8
+  b0 = _halves(_magic_pairs(words, LO, MAGIC, PTX), DTYPE)
+  b2 = _halves(_magic_pairs(w8, LO, MAGIC, PTX), DTYPE)
+  if HI16:
+    b1 = _halves(_magic_pairs(words, HI, MAGIC, PTX), DTYPE)
+    b3 = _halves(_magic_pairs(w8, HI, MAGIC, PTX), DTYPE)
+  else:
+    b1 = _halves(_magic_pairs(words >> 4, LO, MAGIC, PTX), DTYPE)
+    b3 = _halves(_magic_pairs(words >> 12, LO, MAGIC, PTX), DTYPE)
+  return b0, b1, b2, b3
+
+
+@triton.jit
+def _k_order(b0, b1, b2, b3, BN: tl.constexpr, BK: tl.constexpr):
+  """The four pieces of _pieces -> one [BN, BK] tile, K in natural order."""
   t = tl.join(tl.join(b0, b1), tl.join(b2, b3))  # [BN, BK // 8 (= b, c, h), p, q0, q1]
   t = tl.reshape(t, (BN, BK // 64, 4, 2, 2, 2, 2))  # [n, b, c, h, p, q0, q1]
   return tl.reshape(tl.permute(t, (0, 1, 6, 5, 3, 2, 4)), (BN, BK))  # k = 64 b + 16 q + 8 h + 2 c + p
@@ -58,6 +89,8 @@ def w4a16_frag_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SCALE_W: tl.constexpr = 0,
+    PTX: tl.constexpr = 0,
 ):
   DTYPE: tl.constexpr = x_ptr.dtype.element_ty
   B: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0
@@ -86,19 +119,33 @@ def w4a16_frag_kernel(
   k_begin = pid_k * K_SPLIT
   for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):  # a split may start past K: no steps
     words = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=mask_n[:, None], other=0)
-    w = _dequant_tile(words, BLOCK_N, BLOCK_K, DTYPE)
     xt = tl.load(x_cols + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
-    part = tl.dot(w, xt)  # [BLOCK_N, BLOCK_M]
-    xsum = tl.reshape(tl.sum(xt.to(tl.float32), axis=0), (1, BLOCK_M))
     g = k0 // GROUP_SIZE
-    s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
     if HAS_ZP:
       zw = tl.load(qzeros_ptr + g * (N // 8) + offs_n // 8, mask=mask_n, other=0)
-      z = (B + ((zw >> zshift) & 0xF).to(tl.float32))[:, None]
+      zq = ((zw >> zshift) & 0xF).to(tl.float32)[:, None]
     else:
-      z = tl.full((BLOCK_N, 1), B + ZP_BIAS, dtype=tl.float32)
-    acc += (part - z * xsum) * s
+      zq = tl.full((BLOCK_N, 1), ZP_BIAS, dtype=tl.float32)
+    if SCALE_W:  # w = (B + q - (B + z)) * s in DTYPE (exact difference, one rounding), then a plain accumulating dot
+      # fp16: pieces 1, 3 hold B + 16 q (a shift less; bf16 has no room: its bit 7 is the exponent's), scaled by s,
+      # the others by 16 s; the accumulator is scaled back after the loop
+      HI16: tl.constexpr = DTYPE == tl.float16
+      b0, b1, b2, b3 = _pieces(words, DTYPE, PTX, HI16)
+      z_lo = (B + zq).to(DTYPE)[:, :, None]
+      z_hi = (B + 16 * zq).to(DTYPE)[:, :, None] if HI16 else z_lo
+      s_lo = (16 * s)[:, :, None]
+      s_hi = s[:, :, None] if HI16 else s_lo
+      w = _k_order((b0 - z_lo) * s_lo, (b1 - z_hi) * s_hi, (b2 - z_lo) * s_lo, (b3 - z_hi) * s_hi, BLOCK_N, BLOCK_K)
+      acc = tl.dot(w, xt, acc)
+    else:  # the dot on B + q, the group's correction in fp32: acc += (dot - (B + z) * rowsum(x)) * s
+      b0, b1, b2, b3 = _pieces(words, DTYPE, PTX, 0)
+      part = tl.dot(_k_order(b0, b1, b2, b3, BLOCK_N, BLOCK_K), xt)  # [BLOCK_N, BLOCK_M]
+      xsum = tl.reshape(tl.sum(xt.to(tl.float32), axis=0), (1, BLOCK_M))
+      acc += (part - (B + zq) * xsum) * s.to(tl.float32)
 
+  if SCALE_W:
+    acc = acc * 0.0625
   acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
   mask = mask_m[:, None] & mask_n[None, :]
   offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]

@@ -75,9 +75,9 @@ class LlamaConfig:
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
   """Which projections are int4 and how: module paths like 'layers_0.self_attn.q_proj' -> (group_size,
-  symmetric, act_order)."""
+  symmetric, act_order) or (group_size, symmetric, act_order, packing) (packing "gptq" when absent)."""
 
-  layers: tuple[tuple[str, tuple[int, bool, bool]], ...] = ()
+  layers: tuple[tuple[str, tuple], ...] = ()
 
   def get(self, path: str):
     return dict(self.layers).get(path)
@@ -130,10 +130,10 @@ def projection(quant: QuantSpec, path: str, features: int, bias: bool, dtype, na
   spec = quant.get(path)
   if spec is None:
     return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
-  g, sym, act = spec
+  g, sym, act, *packing = spec
   return W4A16Dense(features, group_size=g, symmetric=sym, use_bias=bias, dtype=dtype, param_dtype=dtype,
                     act_order=act, name=name, parallel=PARALLEL.get(name) if tp else None,
-                    parallel_axis=tp or "tp")
+                    parallel_axis=tp or "tp", packing=packing[0] if packing else "gptq")
 
 
 class Attention(nn.Module):
@@ -328,6 +328,31 @@ def fuse_projections(params: dict, quant: QuantSpec, cfg: LlamaConfig) -> tuple[
   return new_params, QuantSpec(tuple(sorted(specs.items()))), dataclasses.replace(cfg, **fused)
 
 
+def repack_projections(params: dict, quant: QuantSpec, packing: str = "auto") -> tuple[dict, QuantSpec]:
+  """Every int4 projection's qweight in `packing`: "gptq", "fragment", or "auto" (`jw4a16.preferred_packing` per
+  projection: "fragment" on H100 / H200 where K and the group allow it).  Run after `fuse_projections` (which
+  concatenates along N, GPTQ's packed axis).  Stacked (scan) weights are repacked one layer at a time."""
+  from jw4a16.ops import preferred_packing  # noqa: PLC0415
+
+  specs, new_params = {}, dict(params)
+  for path, spec in quant.layers:
+    g, sym, act, *old = spec
+    old = old[0] if old else "gptq"
+    keys = path.split(".")
+    node = new_params
+    for key in keys[:-1]:  # copy the path's dicts: the caller's tree is left as it was
+      node[key] = dict(node[key])
+      node = node[key]
+    p = dict(node[keys[-1]])
+    k = p["qweight"].shape[-2] if old == "gptq" else p["qweight"].shape[-1] * 8
+    want = preferred_packing(k, g) if packing == "auto" else packing
+    w = QuantizedWeight(p["qweight"], p["scales"], None, None, g, 8, old).repack(want)
+    p["qweight"] = w.qweight
+    node[keys[-1]] = p
+    specs[path] = (g, sym, act, want)
+  return new_params, QuantSpec(tuple(sorted(specs.items())))
+
+
 def sample(logits, key, temperature: float, top_k: int | None, top_p: float | None):
   """Next tokens [B] from float32 logits [B, V]: greedy at temperature 0, else top-k / top-p sampling."""
   if temperature == 0.0:
@@ -412,9 +437,10 @@ class LlamaModel:
                           else float("nan"))
 
 
-def load(path, *, dtype=None, progress: bool = True, fuse: bool = True) -> LlamaModel:
+def load(path, *, dtype=None, progress: bool = True, fuse: bool = True, packing: str = "auto") -> LlamaModel:
   """Loads a compressed-tensors (or GPTQ / AWQ) Llama-family directory with its tokenizer.json, if any.
-  fuse: q/k/v and gate/up run as one matmul each where the checkpoint allows it (`fuse_projections`)."""
+  fuse: q/k/v and gate/up run as one matmul each where the checkpoint allows it (`fuse_projections`).
+  packing: the int4 weights' layout (`repack_projections`): "auto" picks the fastest for this device."""
   from jw4a16 import checkpoint  # noqa: PLC0415
 
   params, config, _ = checkpoint.load(path, dtype=dtype, progress=progress)
@@ -424,6 +450,7 @@ def load(path, *, dtype=None, progress: bool = True, fuse: bool = True) -> Llama
   flax_params, quant = hf_to_flax(params, cfg)
   if fuse:
     flax_params, quant, cfg = fuse_projections(flax_params, quant, cfg)
+  flax_params, quant = repack_projections(flax_params, quant, packing)
   tok = None
   tok_file = pathlib.Path(path) / "tokenizer.json"
   if tok_file.exists():
@@ -434,4 +461,4 @@ def load(path, *, dtype=None, progress: bool = True, fuse: bool = True) -> Llama
 
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "QuantSpec", "fuse_projections", "hf_to_flax",
-           "init_cache", "load", "sample"]
+           "init_cache", "load", "repack_projections", "sample"]

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jw4a16 import tuning
-from jw4a16.models.llama import LlamaConfig, LlamaForCausalLM, QuantSpec, fuse_projections, init_cache
+from jw4a16.models.llama import (LlamaConfig, LlamaForCausalLM, QuantSpec, fuse_projections, init_cache,
+                                 repack_projections)
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                         num_kv_heads=8, head_dim=128, rope_theta=500000.0,
@@ -71,12 +72,12 @@ def unstack(params: dict, num_layers: int) -> dict:
   return out
 
 
-def build(cfg, quantized, key, scan=False, fuse=True):
+def build(cfg, quantized, key, scan=False, fuse=True, packing="auto"):
   """(module, params on the device) of the random model.  scan=False (as `load` builds models): one set of
   arrays per layer.  scan=True: one compiled layer under lax.scan over stacked arrays, whose per-layer slices XLA
   copies out before each custom call (the Triton kernel) and each bf16 dot: a copy of every weight per step, so
   decode is slower that way.  fuse: q/k/v and gate/up as one matmul each (as `load` builds models), for both
-  the int4 and the bf16 model."""
+  the int4 and the bf16 model.  packing: the int4 weights' layout, as `load` takes it."""
   prefixes = ["layers"] if scan else [f"layers_{i}" for i in range(cfg.num_layers)]
   quant = (QuantSpec(tuple((f"{p}.{n}", (128, True, False)) for p in prefixes for n in PROJ)) if quantized
            else QuantSpec())
@@ -85,12 +86,14 @@ def build(cfg, quantized, key, scan=False, fuse=True):
     params = unstack(params, cfg.num_layers)
   if fuse:
     params, quant, cfg = fuse_projections(params, quant, cfg)
+  if quantized:
+    params, quant = repack_projections(params, quant, packing)
   return LlamaForCausalLM(cfg, quant, scan_layers=scan), jax.block_until_ready(params)
 
 
-def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=True):
-  """Decode and prefill timings of `build(cfg, quantized, key, scan, fuse)`."""
-  model, params = build(cfg, quantized, key, scan, fuse)
+def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=True, packing="auto"):
+  """Decode and prefill timings of `build(cfg, quantized, key, scan, fuse, packing)`."""
+  model, params = build(cfg, quantized, key, scan, fuse, packing)
   cfg = model.cfg
   step = jax.jit(lambda p, ids, cache, i: model.apply({"params": p}, ids, cache, i), donate_argnums=(2,))
 
@@ -152,19 +155,21 @@ def main(argv=None):
   p.add_argument("--scan", action="store_true", help="scanned layers over stacked weights (default: unrolled)")
   p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up matmuls (default: fused)")
   p.add_argument("--batches", default="1,16", help="decode batch sizes")
+  p.add_argument("--packing", default="auto", choices=("auto", "gptq", "fragment"),
+                 help="the int4 weights' layout (default: the fastest for this device)")
   p.add_argument("--variants", default="w4a16,bf16",
                  help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), bf16")
   a = p.parse_args(argv)
   cfg = dataclasses.replace(LLAMA3_8B, num_layers=a.layers)
   out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers, "scan": a.scan,
-         "fused": not a.no_fuse}
+         "fused": not a.no_fuse, "packing": a.packing}
   for name in a.variants.split(","):
     if name not in ("w4a16", "w4a16-nogemv", "bf16"):
       raise SystemExit(f"--variants: unknown {name!r}")
     # the dispatcher reads the variable when the model is traced, inside measure
     with mock.patch.dict(os.environ, {tuning.DISABLE_ENV: "gemv"} if name == "w4a16-nogemv" else {}):
       out[name] = measure(cfg, name != "bf16", tuple(int(b) for b in a.batches.split(",")), a.steps, a.prefill,
-                          jax.random.key(0), scan=a.scan, fuse=not a.no_fuse)
+                          jax.random.key(0), scan=a.scan, fuse=not a.no_fuse, packing=a.packing)
     print(name, json.dumps(out[name]), flush=True)
   for name in out:
     if name.startswith("w4a16") and "bf16" in out:

@@ -1,0 +1,136 @@
+"""packing="fragment" on the CPU: the layout's inverse, validation, QuantizedWeight.repack, the reference path, the
+dispatcher's configs, the layers, the model loader and the Orbax round trip.  (The kernel itself runs in the
+interpreter in test_frag_interpret.py and test_kernel_interpret.py, and on the GPU in test_gpu.py.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jw4a16
+from jw4a16 import checkpoint, layout, tuning
+from jw4a16 import nnx as jnnx
+from jw4a16.models import llama
+from jw4a16.quantize import layer_params
+from tests.helpers import make_weights, make_x
+
+K, N, G = 256, 72, 64
+
+
+@pytest.mark.parametrize("xp", [np, jnp])
+def test_from_fragment_packed_inverts(xp):
+  q = np.random.default_rng(0).integers(-2**31, 2**31 - 1, (K, N // 8)).astype(np.int32)
+  f = layout.to_fragment_packed(xp.asarray(q))
+  assert f.shape == (N, K // 8)
+  np.testing.assert_array_equal(np.asarray(layout.from_fragment_packed(f)), q)
+  with pytest.raises(ValueError, match="K = 72 values per row, expected a multiple of 64"):
+    layout.from_fragment_packed(np.zeros((8, 9), np.int32))
+
+
+def test_matmul_fragment_equals_gptq_and_jit_vmap():
+  qw, s, qz, _, _ = make_weights(K, N, G, symmetric=False)
+  fq = layout.to_fragment_packed(qw)
+  x = make_x((2, 3, K))
+  ref = jw4a16.w4a16_matmul(x, qw, s, qz, group_size=G)
+  got = jax.jit(lambda x: jw4a16.w4a16_matmul(x, fq, s, qz, group_size=G, packing="fragment"))(x)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+  per_row = jax.vmap(lambda r: jw4a16.w4a16_matmul(r, fq, s, qz, group_size=G, packing="fragment"))(x)
+  np.testing.assert_array_equal(np.asarray(per_row, np.float32), np.asarray(ref, np.float32))
+  w = jw4a16.dequantize(fq, s, qz, group_size=G, packing="fragment")
+  np.testing.assert_array_equal(np.asarray(w), np.asarray(jw4a16.dequantize(qw, s, qz, group_size=G)))
+
+
+def test_fragment_bad_input():
+  qw, s, qz, _, _ = make_weights(K, N, G)
+  fq = layout.to_fragment_packed(qw)
+  x = make_x((2, K))
+  with pytest.raises(ValueError, match=r"packing='frag' must be one of \('gptq', 'fragment'\)"):
+    jw4a16.w4a16_matmul(x, qw, s, group_size=G, packing="frag")
+  with pytest.raises(ValueError, match=r"K mismatch: x.shape\[-1\]=256 but qweight.shape=\(256, 9\) \(qweight is \[N"):
+    jw4a16.w4a16_matmul(x, qw, s, group_size=G, packing="fragment")  # GPTQ words passed as fragment
+  with pytest.raises(ValueError, match=r"holds 64 columns but scales has N=72; expected qweight \[72, 32\]"):
+    jw4a16.w4a16_matmul(x, fq[:64], s, group_size=G, packing="fragment")
+  with pytest.raises(ValueError, match="needs packing='gptq'"):
+    jw4a16.w4a16_matmul(x, fq, s, group_size=G, packing="fragment", g_idx=jnp.arange(K) // G)
+  qw32, s32, _, _, _ = make_weights(K, N, 32)
+  with pytest.raises(ValueError, match="multiples of 64, got K=256, group_size=32"):
+    jw4a16.w4a16_matmul(x, layout.to_fragment_packed(qw32), s32, group_size=32, packing="fragment")
+  with pytest.raises(ValueError, match="config.kernel='tile' does not read packing='fragment'"):
+    jw4a16.w4a16_matmul(x, fq, s, group_size=G, packing="fragment", config=tuning.KernelConfig(16, 64, 64))
+  frag_cfg = tuning.KernelConfig(16, 64, 64, kernel="frag")
+  with pytest.raises(ValueError, match="config.kernel='frag' does not read packing='gptq'"):
+    jw4a16.w4a16_matmul(x, qw, s, group_size=G, config=frag_cfg)
+
+
+def test_quantized_weight_repack():
+  w = jw4a16.quantize(jax.random.normal(jax.random.key(0), (K, N)), group_size=G, symmetric=False)
+  f = w.repack("fragment")
+  assert f.packing == "fragment" and f.qweight.shape == (N, K // 8) and f.shape == w.shape == (K, N)
+  assert f.repack("fragment") is f
+  np.testing.assert_array_equal(np.asarray(f.repack("gptq").qweight), np.asarray(w.qweight))
+  x = make_x((3, K))
+  np.testing.assert_array_equal(np.asarray(jw4a16.quantized_matmul(x, f), np.float32),
+                                np.asarray(jw4a16.quantized_matmul(x, w), np.float32))
+  stacked = jw4a16.QuantizedWeight(np.stack([np.asarray(w.qweight)] * 2), np.asarray(w.scales), group_size=G)
+  assert stacked.repack("fragment").qweight.shape == (2, N, K // 8)
+  w32 = jw4a16.quantize(jnp.ones((K, N)), group_size=32)
+  with pytest.raises(ValueError, match="group_size=32; keep packing='gptq'"):
+    w32.repack("fragment")
+
+
+def test_dispatcher_configs_for_fragment():
+  for m in (1, 2, 16, 64, 256, 300):
+    cfg = tuning.select_config(m, 4096, 6144, 128, "bfloat16", False, tuning.H100, "fragment")
+    assert cfg.kernel == "frag" and cfg.block_k % 64 == 0, (m, cfg)
+    heur = tuning.frag_heuristic(m, 4096, 6144, 128)
+    assert heur.kernel == "frag" and heur.scale_w == 1
+  # the shipped H100 table has measured entries for the benchmark shapes
+  assert tuning.table_key(16, 4096, 28672, 128, "bfloat16", False, "fragment") in tuning.shipped_table("h100")
+  assert tuning.table_key(16, 4096, 28672, 128, "bfloat16", False).endswith("_sym")
+  # block_k clamps to the group and to a divisor of K
+  assert tuning.select_config(4, 192, 64, 64, "bfloat16", False, tuning.H100, "fragment").block_k == 64
+  cands = tuning.frag_candidates(16, 4096, 6144, 128)
+  assert cands and all(c.kernel == "frag" and tuning.fits(c, tuning.H100) for c in cands)
+  assert {c.scale_w for c in cands} == {0, 1}
+  with pytest.raises(ValueError, match="multiple of 64"):
+    tuning.KernelConfig(16, 64, 32, kernel="frag")
+  with pytest.raises(ValueError, match="scale_w=1 must be 0 or 1, and 1 only for kernel 'frag'"):
+    tuning.KernelConfig(16, 64, 64, scale_w=1)
+
+
+def test_preferred_packing_on_cpu_is_gptq():
+  assert jw4a16.preferred_packing(4096, 128) == "gptq"
+
+
+def test_layers_with_fragment_packing():
+  w = jw4a16.quantize(jax.random.normal(jax.random.key(1), (K, N)) * 0.05, group_size=G, symmetric=False)
+  b = jnp.arange(N, dtype=jnp.bfloat16)
+  x = make_x((2, 3, K))
+  ref = jw4a16.W4A16Dense(N, group_size=G, symmetric=False).apply({"params": layer_params(w, b)}, x)
+  layer = jw4a16.W4A16Dense(N, group_size=G, symmetric=False, packing="fragment")
+  shapes = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+  assert shapes["qweight"].value.shape == (N, K // 8)
+  assert shapes["qweight"].names == ("mlp", "embed")  # the logical axes follow qweight's [N, K // 8]
+  y = layer.apply({"params": layer_params(w.repack("fragment"), b)}, x)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
+  lin = jnnx.W4A16Linear(K, N, group_size=G, symmetric=False, packing="fragment", rngs=nnx.Rngs(0)).load(w, b)
+  assert lin.qweight.get_value().shape == (N, K // 8)
+  np.testing.assert_array_equal(np.asarray(lin(x), np.float32), np.asarray(ref, np.float32))
+  with pytest.raises(ValueError, match="group_size=32"):
+    jw4a16.W4A16Dense(N, group_size=32, packing="fragment").init(jax.random.key(0), x)
+
+
+def test_model_fragment_matches_gptq_and_orbax_keeps_packing(tmp_path):
+  path = "jw4a16/assets/tiny-llama-w4a16"
+  ids = np.array([[1, 5, 9, 2]], np.int32)
+  base = llama.load(path, progress=False, packing="gptq")
+  frag = llama.load(path, progress=False, packing="fragment")
+  assert {spec[3] for _, spec in frag.quant.layers} == {"fragment"}
+  np.testing.assert_array_equal(np.asarray(frag(ids)), np.asarray(base(ids)))
+  assert {spec[3] for _, spec in llama.load(path, progress=False).quant.layers} == {"gptq"}  # auto, on CPU
+  w = jw4a16.quantize(jax.random.normal(jax.random.key(2), (K, N)), group_size=G).repack("fragment")
+  checkpoint.save({"proj": w}, tmp_path / "ckpt")
+  back, _ = checkpoint.restore(tmp_path / "ckpt")
+  assert back["proj"].packing == "fragment"
+  np.testing.assert_array_equal(np.asarray(back["proj"].qweight), np.asarray(w.qweight))
