@@ -233,6 +233,14 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
   return KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
 
 
+def frag_hazard(cfg: KernelConfig) -> bool:
+  """Frag-kernel configs that gave wrong results on H100 (Triton 3.6): 8 warps with 128-deep K steps and a 3- or
+  4-stage pipeline, scaling the weights (float16 symmetric weights, errors of 0.4 - 13 % in some launches, not in
+  others; 4 warps, 2 stages, 64-deep steps or SCALE_W = 0 were right; session 7, docs/performance.md).  Never
+  dispatched, tuned or tabled."""
+  return cfg.kernel == "frag" and cfg.num_warps >= 8 and cfg.block_k >= 128 and cfg.num_stages >= 3
+
+
 def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
   """Defaults of the fragment-packed kernel, read off the session-7 H100 sweep
   (benchmarks/results/sweep-frag-h100-2026-11-26-s7.json; within 7 % of each shape's best on average over its 66
@@ -243,7 +251,7 @@ def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
   if m <= 32:
     bm, bn, bk, warps, stages, programs = (8 if m <= 8 else 16 if m <= 16 else 32), 64, 128, 4, 3, 512
   elif m <= 64:
-    bm, bn, bk, warps, stages, programs = 64, 128, 128, 8, 3, 200
+    bm, bn, bk, warps, stages, programs = 64, 128, 128, 4, 3, 200
   elif m <= 256:
     bm, bn, bk, warps, stages, programs = 128, 128, 64, 8, 3, target.num_sms
   else:
@@ -349,7 +357,7 @@ def select_config(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: b
   key = table_key(m, k, n, group_size, dtype, has_zp, packing)
   if packing == "fragment":  # one kernel reads this packing
     for table in (user_table(target.name), shipped_table(target.name)):
-      if key in table and table[key].kernel == "frag":
+      if key in table and table[key].kernel == "frag" and not frag_hazard(table[key]):
         return legalize(table[key], k, group_size)
     return legalize(frag_heuristic(m, k, n, group_size, target), k, group_size)
   off = disabled_kernels()
@@ -405,7 +413,7 @@ def frag_candidates(m: int, k: int, n: int, group_size: int, target: Target = H1
       out.append(KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag",
                               scale_w=scale_w))
   out = dict.fromkeys(legalize(c, k, group_size) for c in out)
-  return [c for c in out if fits(c, target) and k // c.split_k >= c.block_k]
+  return [c for c in out if fits(c, target) and k // c.split_k >= c.block_k and not frag_hazard(c)]
 
 
 def candidate_configs(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:

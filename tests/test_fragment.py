@@ -93,6 +93,14 @@ def test_dispatcher_configs_for_fragment():
   cands = tuning.frag_candidates(16, 4096, 6144, 128)
   assert cands and all(c.kernel == "frag" and tuning.fits(c, tuning.H100) for c in cands)
   assert {c.scale_w for c in cands} == {0, 1}
+  # configs that computed wrong results on H100 (tuning.frag_hazard) are never dispatched or searched
+  assert tuning.frag_hazard(tuning.KernelConfig(64, 128, 128, num_warps=8, num_stages=3, kernel="frag", scale_w=1))
+  table = tuning.shipped_table("h100")
+  assert not any(tuning.frag_hazard(c) for c in table.values())
+  for k, n in ((4096, 6144), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 57344), (28672, 8192), (512, 200)):
+    for m in (1, 16, 33, 64, 128, 256, 300):
+      assert not tuning.frag_hazard(tuning.select_config(m, k, n, 128, "float16", False, tuning.H100, "fragment"))
+      assert not any(tuning.frag_hazard(c) for c in tuning.frag_candidates(m, k, n, 128))
   with pytest.raises(ValueError, match="multiple of 64"):
     tuning.KernelConfig(16, 64, 32, kernel="frag")
   with pytest.raises(ValueError, match="scale_w=1 must be 0 or 1, and 1 only for kernel 'frag'"):

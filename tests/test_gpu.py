@@ -201,7 +201,7 @@ FRAG_CONFIGS = [tuning.KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, 
                                     scale_w=sw)
                 for bm, bn, bk, split, warps, stages, sw in (
                     (8, 64, 128, 1, 4, 3, 0), (8, 128, 128, 4, 4, 3, 1), (16, 64, 128, 3, 4, 3, 0),
-                    (16, 64, 64, 8, 4, 4, 1), (32, 128, 128, 2, 8, 3, 1), (64, 128, 128, 1, 8, 3, 1),
+                    (16, 64, 64, 8, 4, 4, 1), (32, 128, 128, 2, 8, 2, 1), (64, 128, 128, 1, 4, 3, 1),
                     (64, 64, 64, 5, 4, 4, 1), (128, 128, 64, 2, 8, 3, 1), (128, 256, 64, 1, 8, 4, 1),
                     (256, 128, 64, 1, 8, 3, 1))]
 
@@ -222,16 +222,18 @@ def test_frag_configs(cfg, dtype, symmetric, kng):
   assert_close(out, np.asarray(x, np.float64) @ w, dtype)
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024])
-@pytest.mark.parametrize("kn", [(4096, 6144), (14336, 4096)])
-def test_fragment_real_shapes_every_bucket(m, kn):
-  """The shipped table's frag entries (and the dequantize-then-GEMM route from the fragment packing at M = 1024)."""
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 32, 64, 128, 131, 256, 1024])
+@pytest.mark.parametrize("kn", [(4096, 6144), (14336, 4096), (4096, 28672), (28672, 8192)])
+@pytest.mark.parametrize("dtype,symmetric", [("bfloat16", True), ("float16", True), ("float16", False)])
+def test_fragment_real_shapes_every_bucket(m, kn, dtype, symmetric):
+  """The shipped table's frag entries (and the dequantize-then-GEMM route from the fragment packing at M = 1024);
+  float16 symmetric is where tuning.frag_hazard's configs failed."""
   k, n = kn
-  qw, s, _, _, w = make_weights(k, n, 128, dtype="bfloat16")
+  qw, s, qz, _, w = make_weights(k, n, 128, dtype=dtype, symmetric=symmetric)
   fq = jw4a16.layout.to_fragment_packed(qw)
-  x = make_x((m, k))
-  out = jax.jit(lambda x: jw4a16.w4a16_matmul(x, fq, s, group_size=128, packing="fragment"))(x)
-  assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
+  x = make_x((m, k), dtype)
+  out = jax.jit(lambda x: jw4a16.w4a16_matmul(x, fq, s, qz, group_size=128, packing="fragment"))(x)
+  assert_close(out, np.asarray(x, np.float64) @ w, dtype)
 
 
 def test_frag_split_k_is_deterministic():
