@@ -16,7 +16,7 @@ import numpy as np
 
 from jw4a16 import checks, tuning
 from jw4a16.qweight import QuantizedWeight
-from jw4a16.reference import dequantize, w4a16_matmul_reference
+from jw4a16.reference import dequantize, dequantize_fragment_nk, w4a16_matmul_reference
 
 BACKENDS = ("auto", "triton", "reference")
 BACKEND_ENV = "JW4A16_BACKEND"
@@ -70,8 +70,12 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packin
   m, k = x2d.shape
   n = scales.shape[1]
   target = current_target()
-  if config is None and tuning.use_dequant_gemm(m, target):
-    w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype, packing=packing)
+  if config is None and tuning.use_dequant_gemm(m, target, packing):
+    if packing == "fragment":  # W^T [N, K] as the packing holds it: the GEMM contracts K of both operands
+      wt = dequantize_fragment_nk(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
+      out = jax.lax.dot_general(x2d, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      return out.astype(x2d.dtype)
+    w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
     return jnp.matmul(x2d, w, preferred_element_type=jnp.float32).astype(x2d.dtype)
 
   import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX

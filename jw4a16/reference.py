@@ -20,7 +20,10 @@ def dequantize(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 
   scales' dtype.  packing="fragment": qweight is [N, K // 8] (layout.to_fragment_packed).
   """
   if packing == "fragment":
-    qweight = from_fragment_packed(jnp.asarray(qweight))
+    if g_idx is not None:  # act-order rows in checkpoint order only exist in the GPTQ packing
+      qweight = from_fragment_packed(jnp.asarray(qweight))
+    else:
+      return dequantize_fragment_nk(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=dtype).T
   k = qweight.shape[0]
   g = checks.resolve_group_size(group_size, k)
   q = unpack_int4(jnp.asarray(qweight), axis=1).astype(jnp.float32)
@@ -31,6 +34,21 @@ def dequantize(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 
   else:
     z = unpack_int4(jnp.asarray(qzeros), axis=1).astype(jnp.float32)[rows]
   return ((q - z) * s).astype(dtype or scales.dtype)
+
+
+def dequantize_fragment_nk(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, dtype=None):
+  """Fragment-packed [N, K // 8] words -> W^T [N, K] floats, in the packing's own row order (no transpose of the
+  whole weight: the dequantize-then-GEMM route contracts K of both operands)."""
+  words = jnp.asarray(qweight)
+  n, k = words.shape[0], words.shape[1] * 8
+  g = checks.resolve_group_size(group_size, k)
+  q = unpack_int4(words, axis=1).reshape(n, k // 64, 4, 2, 2, 4)  # [n, b, c, h, p, q]
+  q = jnp.transpose(q, (0, 1, 5, 3, 2, 4)).reshape(n, k // g, g).astype(jnp.float32)  # natural k, by group
+  s = jnp.asarray(scales).astype(jnp.float32).T[:, :, None]  # [N, K // G, 1]
+  z = jnp.float32(zp_bias)
+  if qzeros is not None:
+    z = unpack_int4(jnp.asarray(qzeros), axis=1).astype(jnp.float32).T[:, :, None]
+  return ((q - z) * s).reshape(n, k).astype(dtype or scales.dtype)
 
 
 def w4a16_matmul_reference(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None,

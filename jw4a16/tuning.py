@@ -187,6 +187,13 @@ GEMV_MAX_M = {"h100": 1, "h200": 1}
 SWAP_AB_MAX_M = {"h100": 32, "h200": 32}
 
 
+# Targets where `ops.preferred_packing` picks packing="fragment": on H100 its kernel beat the dispatcher's picks on
+# the GPTQ packing at every M measured from 2 to 256 (1.25 - 2.23x, six shapes) and the gemv kernel at M = 1 on 4
+# of 6 shapes (0.91 - 1.20x; session 7, docs/performance.md); from M = 512 both packings dequantize-then-GEMM.
+# H200 is the same chip with more memory (not measured separately).
+FRAGMENT_TARGETS = frozenset({"h100", "h200"})
+
+
 def gemv_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
   """256-column tiles of 16 lanes x 8 rows per step (4 warps on NVIDIA, 2 wavefronts on AMD), split along K
   until about 4 programs per SM, at most 32 ways: the last program of a tile reads every split's partial, so
@@ -246,12 +253,13 @@ def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
   (benchmarks/results/sweep-frag-h100-2026-11-26-s7.json; within 7 % of each shape's best on average over its 66
   (shape, M) points, 50 % at worst): 8- to 32-row tiles of x against 64 weight columns, scaled weights, split
   along K until about 4 programs per SM, up to M = 32; 64 x 128 tiles at M = 64; 128 x 128 to M = 256 and
-  128 x 256 beyond.  On AMD (not measured; the kernel's layout is tailored to Hopper's wgmma) the same shapes."""
+  128 x 256 beyond.  Other targets (not measured; the packing is tailored to Hopper's wgmma) get the same shapes
+  but 64 columns at M = 64."""
   del group_size  # select_config legalizes block_k against it
   if m <= 32:
     bm, bn, bk, warps, stages, programs = (8 if m <= 8 else 16 if m <= 16 else 32), 64, 128, 4, 3, 512
-  elif m <= 64:
-    bm, bn, bk, warps, stages, programs = 64, 128, 128, 4, 3, 200
+  elif m <= 64:  # elsewhere 64 columns: a 128 x 64 fp32 tile on 4 warps spills without wgmma (sm_80, gfx942)
+    bm, bn, bk, warps, stages, programs = 64, 128 if target.name in FRAGMENT_TARGETS else 64, 128, 4, 3, 200
   elif m <= 256:
     bm, bn, bk, warps, stages, programs = 128, 128, 64, 8, 3, target.num_sms
   else:
@@ -307,19 +315,22 @@ def record_tuned(target_name: str, entries: dict[str, KernelConfig]) -> pathlib.
   return path
 
 
-# Targets where `ops.preferred_packing` picks packing="fragment": on H100 its kernel beat the GPTQ-packed kernels
-# at every M measured from 2 to 2048 (1.25 - 2.23x) and the gemv kernel at M = 1 on 4 of 6 shapes (session 7,
-# docs/performance.md).  H200 is the same chip with more memory (not measured separately).
-FRAGMENT_TARGETS = frozenset({"h100", "h200"})
-
 # Measured on H100 (docs/performance.md): from this M on, XLA's one-pass dequantization to a bf16 weight plus
 # cuBLAS beats the fused kernel, whose in-loop dequantization competes with the tensor cores for issue slots.
 DENSE_FROM_M = {"h100": 512, "h200": 512}
 
 
-def use_dequant_gemm(m: int, target: Target) -> bool:
+# The same for packing="fragment", whose kernel is faster at large M (env JW4A16_DENSE_FROM_M overrides both, for
+# measuring the two routes against each other).
+DENSE_FROM_M_FRAGMENT = {"h100": 512, "h200": 512}
+
+
+def use_dequant_gemm(m: int, target: Target, packing: str = "gptq") -> bool:
   """Whether M is large enough that dequantize-then-GEMM beats the fused kernel on this target."""
-  return m >= DENSE_FROM_M.get(target.name, 1 << 62)
+  if os.environ.get("JW4A16_DENSE_FROM_M"):
+    return m >= int(os.environ["JW4A16_DENSE_FROM_M"])
+  table = DENSE_FROM_M_FRAGMENT if packing == "fragment" else DENSE_FROM_M
+  return m >= table.get(target.name, 1 << 62)
 
 
 def legalize(cfg: KernelConfig, k: int, group_size: int) -> KernelConfig:

@@ -7,9 +7,9 @@ one LOP3:
 
     ((word >> 4 q) & 0x000F000F) | 0x43004300  ->  the pair (128 + q_lo, 128 + q_hi) as two bf16
 
-(scripts/layout_probe.py shows both effects on a minimal loop.)  On H100 it ran 1.3 - 2.2x faster than the
-kernels on GPTQ's packing from M = 2 to 2048, and at M = 1 from 9 % slower to 20 % faster than the gemv kernel
-(docs/performance.md, session 7).  On other targets it is correct (Triton picks their MMA layouts) but not tuned.
+(scripts/layout_probe.py shows both effects on a minimal loop.)  On H100 it ran 1.25 - 2.23x faster than the
+dispatcher's picks on GPTQ's packing from M = 2 to 256, and at M = 1 from 9 % slower to 20 % faster than the gemv
+kernel (docs/performance.md, session 7).  On other targets it is correct (Triton picks their MMA layouts) but not tuned.
 
 Arguments as the other kernels (x, qweight, scales, qzeros, M, out, partials, locks) except qweight:
   qweight [N, K // 8] int32, fragment-packed.  qzeros stay in the kernel layout [K // G, N // 8].
