@@ -21,9 +21,10 @@ def cmd_generate(a):
   if m.tokenizer is None:
     raise SystemExit(f"{a.dir}: no tokenizer.json; pass token ids with --ids")
   ids = [int(t) for t in a.ids.split(",")] if a.ids else m.tokenizer.encode(a.prompt).ids
+  packings = "/".join(sorted({spec[3] for _, spec in m.quant.layers})) or "no"
   print(f"[{pathlib.Path(a.dir).name}: {m.cfg.num_layers} layers, hidden {m.cfg.hidden_size}, "
-        f"{len(m.quant.layers)} int4 projections, {resolve_backend()} path on {jax.devices()[0].platform}]",
-        file=sys.stderr)
+        f"{len(m.quant.layers)} int4 projections ({packings} packing), {resolve_backend()} path on "
+        f"{jax.devices()[0].platform}]", file=sys.stderr)
   print(a.prompt if not a.ids else "", end="", flush=True)
   produced = []
   shown = [0]  # characters printed so far

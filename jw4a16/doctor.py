@@ -16,7 +16,7 @@ def _version(pkg):
 def main():
   import jax  # noqa: PLC0415
 
-  from jw4a16 import ops, tuning  # noqa: PLC0415
+  from jw4a16 import layout, ops, tuning  # noqa: PLC0415
 
   backend = jax.default_backend()
   devices = jax.devices()
@@ -39,19 +39,21 @@ def main():
     target = tuning.target_from_device(devices[0])
     print(f"tuning target: {target.name} ({target.num_sms} SMs/CUs, warp {target.warp_size}); shipped table: "
           f"{len(tuning.shipped_table(target.name))} entries; cache {tuning.cache_path(target.name)}")
+    print(f"weight packing the loaders pick here (K, G multiples of 64): {ops.preferred_packing(4096, 128)}")
     k, n = 512, 256
     rng = np.random.default_rng(0)
     qw = jnp.asarray(rng.integers(-2**31, 2**31 - 1, (k, n // 8)), jnp.int32)
     s = jnp.asarray(rng.random((k // 128, n)) * 0.01, jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((3, k)), jnp.bfloat16)
-    try:
-      got = ops.w4a16_matmul(x, qw, s, group_size=128, backend="triton")
-      ref = ops.w4a16_matmul(x, qw, s, group_size=128, backend="reference")
-      rel = float(jnp.linalg.norm((got - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
-      print(f"kernel on this device: compiled and ran, relative error against the reference {rel:.1e}: "
-            f"{'OK' if rel < 1e-2 else 'WRONG'}")
-    except Exception as e:  # report, don't crash: this is a diagnostic
-      print(f"kernel on this device: FAILED: {type(e).__name__}: {e}")
+    ref = ops.w4a16_matmul(x, qw, s, group_size=128, backend="reference")
+    for packing, w in (("gptq", qw), ("fragment", layout.to_fragment_packed(qw))):
+      try:
+        got = ops.w4a16_matmul(x, w, s, group_size=128, packing=packing, backend="triton")
+        rel = float(jnp.linalg.norm((got - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+        print(f"kernel on this device ({packing} packing): compiled and ran, relative error against the reference "
+              f"{rel:.1e}: {'OK' if rel < 1e-2 else 'WRONG'}")
+      except Exception as e:  # report, don't crash: this is a diagnostic
+        print(f"kernel on this device ({packing} packing): FAILED: {type(e).__name__}: {e}")
   else:
     from jw4a16.kernels import compile as aot  # noqa: PLC0415
 
