@@ -1,0 +1,63 @@
+"""Reproduces the frag-kernel failure that `jw4a16.tuning.frag_hazard` fences off (H100, Triton 3.6, session 7).
+
+Launches kernels/w4a16_frag.py from torch on fp16 / bf16, symmetric / asymmetric weights, with the failing config
+(BLOCK_M 64, BLOCK_N 128, BLOCK_K 128, 8 warps, 3 stages, SCALE_W 1) and its neighbours, and prints each one's
+relative error against a dequantize-then-matmul reference.  On the device in session 7: fp16 symmetric failed
+(errors 0.2 - 13 %, not in every launch) for 8 warps with BLOCK_K 128 and 3 - 4 stages, with and without the
+inline PTX; 4 warps, 2 stages, BLOCK_K 64 and SCALE_W 0 were right; bf16 and asymmetric fp16 were right.
+Needs a CUDA GPU and torch; not part of the package or the tests.
+
+  python scripts/frag_hazard_repro.py
+"""
+
+import itertools
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, "scripts")
+from sweep import dequant, make  # noqa: E402
+
+from jw4a16 import layout  # noqa: E402
+from jw4a16.kernels.w4a16_frag import w4a16_frag_kernel  # noqa: E402
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, SCALE_W, warps, stages, PTX): the failing config first
+CONFIGS = [(64, 128, 128, 1, 8, 3, 1), (64, 128, 128, 1, 8, 3, 0), (64, 128, 128, 0, 8, 3, 1),
+           (64, 128, 128, 1, 4, 3, 1), (64, 128, 128, 1, 8, 2, 1), (64, 128, 128, 1, 8, 4, 1),
+           (64, 128, 64, 1, 8, 3, 1), (128, 128, 128, 1, 8, 3, 1), (32, 128, 128, 1, 8, 3, 1)]
+
+
+def run(x, qf, s, qz, g, cfg):
+  bm, bn, bk, sw, warps, stages, ptx = cfg
+  m, k = x.shape
+  n = s.shape[1]
+  grid = (-(-m // bm) * -(-n // bn), 1)
+  out = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
+  scratch = torch.empty((1,), dtype=torch.float32, device="cuda")
+  locks = torch.zeros((1,), dtype=torch.int32, device="cuda")
+  w4a16_frag_kernel[grid](x, qf, s, s if qz is None else qz, m, out, scratch, locks, N=n, K=k, GROUP_SIZE=g,
+                          HAS_ZP=qz is not None, ZP_BIAS=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
+                          SCALE_W=sw, PTX=ptx, num_warps=warps, num_stages=stages)
+  return out
+
+
+def main():
+  for (k, n, g), (dtype, asym) in itertools.product(
+      [(256, 1040, 256), (4096, 6144, 128)],
+      [(torch.float16, False), (torch.float16, True), (torch.bfloat16, False)]):
+    torch.manual_seed(0)
+    qw, s, qz = make(k, n, g, dtype, asym)
+    w = dequant(qw, s, qz, g).float()
+    qf = torch.from_numpy(np.asarray(layout.to_fragment_packed(qw.cpu().numpy()))).cuda()
+    for m in (33, 64, 65, 131):
+      x = torch.randn(m, k, dtype=dtype, device="cuda")
+      ref = x.float() @ w
+      errs = [((run(x, qf, s, qz, g, c).float() - ref).norm() / ref.norm()).item() for c in CONFIGS if c[2] <= g]
+      print(f"K={k} N={n} G={g} {str(dtype)[6:]} {'asym' if asym else 'sym '} M={m:3d}: " +
+            " ".join(f"{e:.1e}" for e in errs), flush=True)
+  print("columns:", CONFIGS)
+
+
+if __name__ == "__main__":
+  main()
