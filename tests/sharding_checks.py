@@ -36,8 +36,10 @@ def place(w, mode):
 
 
 def check_column_and_row():
-  for mode, act in (("column", False), ("row", False), ("row", True), ("column", True)):
+  for mode, act, packing in (("column", False, "gptq"), ("row", False, "gptq"), ("row", True, "gptq"),
+                             ("column", True, "gptq"), ("column", False, "fragment"), ("row", True, "fragment")):
     w, dense = weight(1024, 512, 64, act_order=act)
+    w = w.repack(packing)
     ws = place(w, mode)
     x = make_x((3, 1024))
     f = jax.jit(lambda x, w: sharding.parallel_matmul(x, w, mode, "tp", mesh=MESH))
@@ -51,8 +53,11 @@ def check_column_and_row():
       assert "all-reduce" in hlo
     # each device holds only its shard of the weights
     shard_shapes = {s.data.shape for s in ws.qweight.addressable_shards}
-    assert shard_shapes == ({(1024, 512 // 64)} if mode == "column" else {(1024 // 8, 512 // 8)}), shard_shapes
-    print("ok", mode, "act_order" if act else "", rel)
+    want = {(1024, 512 // 64)} if mode == "column" else {(1024 // 8, 512 // 8)}
+    if packing == "fragment":  # qweight [N, K // 8]
+      want = {(512 // 8, 1024 // 8)} if mode == "column" else {(512, 1024 // 64)}
+    assert shard_shapes == want, (packing, shard_shapes)
+    print("ok", mode, "act_order" if act else "", packing, rel)
 
 
 def check_errors():
@@ -107,6 +112,13 @@ def check_orbax_sharded_restore():
     assert q.sharding == NamedSharding(MESH, P("tp", None)), q.sharding
     assert {s.data.shape for s in q.addressable_shards} == {(128, 64)}
     np.testing.assert_array_equal(np.asarray(q), np.asarray(w.qweight))
+    f = w.repack("fragment")  # qweight [N, K // 8]: the row split is along its second axis
+    checkpoint.save({"layer": f}, f"{d}/frag")
+    back, _ = checkpoint.restore(f"{d}/frag", shardings={"layer": sharding.param_shardings(f, "row", "tp", MESH)})
+    q = back["layer"].qweight
+    assert back["layer"].packing == "fragment" and q.sharding == NamedSharding(MESH, P(None, "tp")), q.sharding
+    assert {s.data.shape for s in q.addressable_shards} == {(512, 16)}
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(f.qweight))
   print("ok orbax")
 
 
