@@ -69,6 +69,7 @@ def cmd_convert(a):
   params, config, scheme = checkpoint.load(a.src, progress=True)
   checked = verify.check_sample(a.src, params, scheme, count=a.verify)
   print(f"verified {len(checked)} layers against the source's own dequantization: {', '.join(checked)}")
+  params = checkpoint.repack_params(params, a.packing, f"{a.src}: ")  # after the check, which reads GPTQ's layout
   out = checkpoint.save(params, a.dst, metadata=dict(source=str(a.src), source_format=scheme.format,
                                                     group_size=scheme.group_size, symmetric=scheme.symmetric,
                                                     actorder=scheme.actorder, config=config))
@@ -117,6 +118,8 @@ def main(argv=None):
   c.add_argument("src")
   c.add_argument("dst")
   c.add_argument("--verify", type=int, default=4, help="layers to check against the source's dequantization")
+  c.add_argument("--packing", default="gptq", choices=("gptq", "fragment"),
+                 help="qweight layout to store: gptq (any GPU) or fragment (Hopper's fastest; K, G multiples of 64)")
   c.set_defaults(fn=cmd_convert)
   d = sub.add_parser("doctor", help="platform, versions, which path w4a16_matmul takes and why")
   d.set_defaults(fn=cmd_doctor)

@@ -213,3 +213,27 @@ def test_quantized_linear_bias_qwen2_style(tmp_path):
   ids = np.array([[3, 4, 5]], np.int32)
   assert np.abs(np.asarray(m(ids)) - np.asarray(plain(ids))).max() > 1e-3  # the biases take part
   np.testing.assert_allclose(np.asarray(m(ids)), np.asarray(sep(ids)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["asym", "actorder"])
+def test_load_into_fragment_packing(name):
+  """load(packing=...) repacks each weight once (act-order rows sorted first); the values are the GPTQ load's."""
+  base, _, _ = checkpoint.load(FIXTURES[name], progress=False)
+  frag, _, _ = checkpoint.load(FIXTURES[name], progress=False, packing="fragment")
+  auto, _, _ = checkpoint.load(FIXTURES[name], progress=False, packing="auto")
+  for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+    a, b = node(base, path), node(frag, path)
+    assert b.packing == "fragment" and node(auto, path).packing == "gptq"  # auto on a CPU keeps GPTQ's layout
+    np.testing.assert_array_equal(np.asarray(b.qweight), jw4a16.layout.to_fragment_packed(np.asarray(a.qweight)))
+    w = jw4a16.dequantize(b.qweight, b.scales, b.qzeros, group_size=b.group_size, packing="fragment")
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(jw4a16.dequantize(
+        a.qweight, a.scales, a.qzeros, group_size=a.group_size)))
+  with pytest.raises(ValueError, match="packing='frag' must be 'gptq', 'fragment' or 'auto'"):
+    checkpoint.load(FIXTURES[name], progress=False, packing="frag")
+
+
+def test_repack_params_names_the_layer():
+  w = jw4a16.quantize(jnp.ones((256, 64)), group_size=32)
+  with pytest.raises(CheckpointError, match=r"ckpt: model.proj: packing='fragment' needs .* group_size=32"):
+    checkpoint.repack_params({"model": {"proj": w}}, "fragment", "ckpt: ")
+  assert checkpoint.repack_params({"model": {"proj": w, "b": 1}}, "gptq")["model"]["proj"] is w

@@ -3,7 +3,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from jw4a16 import checkpoint, cli
+from jw4a16 import checkpoint, cli, layout
 
 ROOT = pathlib.Path(__file__).parent.parent
 ASYM = ROOT / "tests/fixtures/llama-w4a16-asym"
@@ -31,6 +31,17 @@ def test_convert_round_trip(tmp_path, capsys):
   b = back["model"]["layers"]["0"]["self_attn"]["q_proj"]
   np.testing.assert_array_equal(np.asarray(a.qweight), np.asarray(b.qweight))
   assert meta["source_format"] == "compressed-tensors" and meta["symmetric"] is False
+
+
+def test_convert_to_fragment_packing(tmp_path, capsys):
+  cli.main(["convert", str(ASYM), str(tmp_path / "out"), "--packing", "fragment"])
+  assert "verified 4 layers" in capsys.readouterr().out
+  back, _ = checkpoint.restore(tmp_path / "out")
+  src, _, _ = checkpoint.load(ASYM, progress=False)
+  a = src["model"]["layers"]["0"]["mlp"]["down_proj"]
+  b = back["model"]["layers"]["0"]["mlp"]["down_proj"]
+  assert b.packing == "fragment"
+  np.testing.assert_array_equal(np.asarray(b.qweight), layout.to_fragment_packed(np.asarray(a.qweight)))
 
 
 def test_failed_convert_leaves_nothing(tmp_path):

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from jw4a16.checkpoint.formats import LINEAR_READERS, MARKER, Scheme
 from jw4a16.checkpoint.safetensors_dir import CheckpointError, SafetensorsDir, read_config, set_path
+from jw4a16.qweight import QuantizedWeight
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -64,7 +65,7 @@ def quantized_prefixes(st: SafetensorsDir, scheme: Scheme) -> list[str]:
   return sorted(name[: -len(marker)] for name in st.keys() if name.endswith(marker))
 
 
-def load(path, *, dtype=None, progress: bool = True):
+def load(path, *, dtype=None, progress: bool = True, packing: str = "gptq"):
   """Loads a quantized Hugging Face directory (format from config.json's quantization_config).
 
   Returns (params, config, scheme): params is a nested dict keyed by module path ('model' -> 'layers' -> '0' ->
@@ -72,7 +73,13 @@ def load(path, *, dtype=None, progress: bool = True):
   names, e.g. ...['embed_tokens']['weight']; a quantized Linear's bias as '<name>_bias' beside it, e.g.
   ...['self_attn']['q_proj_bias']).  Scales and float tensors are cast to `dtype` (default: the
   config's dtype, else bfloat16).  Tensors are read one at a time.
+
+  packing: the QuantizedWeights' qweight layout: "gptq" (the kernel layout, [K, N // 8]), "fragment" (Hopper's
+  operand order, [N, K // 8]; a layer whose K or group size is not a multiple of 64 raises), or "auto"
+  (`jw4a16.preferred_packing` per layer for this process's device, "gptq" where "fragment" cannot hold it).
   """
+  if packing not in ("gptq", "fragment", "auto"):
+    raise ValueError(f"packing={packing!r} must be 'gptq', 'fragment' or 'auto'")
   path = pathlib.Path(path)
   config = read_config(path)
   scheme = parse_scheme(config, path)
@@ -91,8 +98,8 @@ def load(path, *, dtype=None, progress: bool = True):
   bar = tqdm(total=len(prefixes) + len(names), desc=f"loading {path.name}", unit="tensor", disable=not progress)
   for prefix in prefixes:
     w = reader(st, prefix, scheme)
-    set_path(params, prefix, type(w)(w.qweight, w.scales.astype(np_dtype), w.qzeros, w.perm, w.group_size,
-                                     w.zp_bias))
+    w = type(w)(w.qweight, w.scales.astype(np_dtype), w.qzeros, w.perm, w.group_size, w.zp_bias)
+    set_path(params, prefix, _repack(w, packing, f"{path}: {prefix}"))
     bar.update()
   quantized = set(prefixes)
   for name in names:
@@ -105,6 +112,30 @@ def load(path, *, dtype=None, progress: bool = True):
     bar.update()
   bar.close()
   return params, config, scheme
+
+
+def repack_params(params: dict, packing: str, where: str = "") -> dict:
+  """Every QuantizedWeight in a nested dict (as `load` returns) repacked to `packing` (see `load`); a weight that
+  cannot be raises a CheckpointError naming its module path."""
+  def walk(node, path):
+    if isinstance(node, QuantizedWeight):
+      return _repack(node, packing, where + ".".join(path))
+    if isinstance(node, dict):
+      return {k: walk(v, path + (str(k),)) for k, v in node.items()}
+    return node
+
+  return walk(params, ())
+
+
+def _repack(w, packing: str, where: str):
+  if packing == "auto":
+    from jw4a16.ops import preferred_packing  # noqa: PLC0415
+
+    packing = preferred_packing(w.shape[0], w.group_size)
+  try:
+    return w.repack(packing)
+  except ValueError as e:
+    raise CheckpointError(f"{where}: {e}") from None
 
 
 def _suffixes(fmt):
