@@ -116,3 +116,12 @@ def test_cold_start_script(tmp_path, capsys):
   assert (row["k"], row["n"], row["m"]) == (256, 64, 1)
   assert row["first_call_s"] > 0 and row["new_shape_first_call_s"] > 0 and row["second_call_s"] > 0
   assert "256x64 M=1: first call in the process" in capsys.readouterr().out
+
+
+def test_convert_to_fragment_refuses_group_32_and_writes_nothing(tmp_path):
+  from tests import checkpoint_writers as writers  # noqa: PLC0415
+
+  writers.write_gptq(tmp_path / "g32", g=32)
+  with pytest.raises(checkpoint.CheckpointError, match="layer: packing='fragment' needs .*group_size=32"):
+    cli.main(["convert", str(tmp_path / "g32"), str(tmp_path / "out"), "--packing", "fragment"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["g32"]
