@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jw4a16.layout import to_fragment_packed
-from jw4a16.ops import current_target, preferred_packing, resolve_backend, w4a16_matmul
+from jw4a16.ops import current_target, resolve_backend, resolve_packing, w4a16_matmul
 from jw4a16.reference import w4a16_matmul_reference
 
 SHAPES = {  # (K, N)
@@ -113,7 +113,7 @@ def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key, packing="aut
   sets = [make_quantized(jax.random.fold_in(key, i), k, n, group_size, dtype, symmetric) for i in range(r_int4)]
   x = jax.random.normal(jax.random.fold_in(key, 999), (m, k), dtype)
 
-  packing = preferred_packing(k, g) if packing == "auto" else packing
+  packing = resolve_packing(packing, k, g)
   ours_sets = sets if packing == "gptq" else [(to_fragment_packed(qw), s, qz) for qw, s, qz in sets]
 
   # correctness first: the op (on its packing) against the reference on the first weight set
@@ -307,7 +307,7 @@ def tune_main(argv=None):
   for shape in a.shapes.split(","):
     k, n = map(int, shape.split("x"))
     g = k if a.group == -1 else a.group
-    packing = preferred_packing(k, g) if a.packing == "auto" else a.packing
+    packing = resolve_packing(a.packing, k, g)
     sets = [make_quantized(jax.random.key(i), k, n, a.group, dtype, not a.asym)
             for i in range(max(8, math.ceil(2 * L2_BYTES / (k * n / 2)) + 1))]
     if packing == "fragment":

@@ -35,11 +35,16 @@ def _dt(a) -> str:
   return np.dtype(a.dtype).name
 
 
+def fragment_fits(k: int, group_size: int) -> bool:
+  """K and the resolved group size G fit the fragment packing's 64-value blocks."""
+  return k % FRAGMENT_BLOCK == 0 and group_size % FRAGMENT_BLOCK == 0
+
+
 def check_packing(packing, k: int, group_size: int) -> None:
   """`packing` is one of PACKINGS and, for "fragment", K and the resolved group size G fit its 64-value blocks."""
   if packing not in PACKINGS:
     raise ValueError(f"packing={packing!r} must be one of {PACKINGS}")
-  if packing == "fragment" and (k % FRAGMENT_BLOCK or group_size % FRAGMENT_BLOCK):
+  if packing == "fragment" and not fragment_fits(k, group_size):
     raise ValueError(f"packing='fragment' needs K and group_size to be multiples of {FRAGMENT_BLOCK}, got K={k}, "
                      f"group_size={group_size}; keep packing='gptq' for this weight")
 

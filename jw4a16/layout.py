@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jw4a16.checks import FRAGMENT_BLOCK
+
 PACK = 8  # 4-bit values per int32 word
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ stores logical nibble AWQ_ORDER[i] in bits 4i..4i+3
 
@@ -84,8 +86,6 @@ def awq_to_kernel(packed_awq):
   return pack_int4(unpack_int4(packed_awq, axis=-1, order=AWQ_ORDER), axis=-1)
 
 
-FRAGMENT_BLOCK = 64  # K values per fragment-packed block (8 words)
-
 
 def to_fragment_packed(qweight):
   """Kernel layout qweight [K, N//8] -> "fragment-packed" [N, K//8] int32 (K a multiple of 64), the weights in the
@@ -106,13 +106,16 @@ def to_fragment_packed(qweight):
   return pack_int4(v.reshape(n, k), axis=1)
 
 
-def from_fragment_packed(words):
-  """The inverse of `to_fragment_packed`: [N, K//8] fragment-packed words -> kernel layout [K, N//8]."""
+def unpack_fragment(words):
+  """[N, K//8] fragment-packed words -> the 4-bit values [N, K] (int32) of W^T, K in natural order."""
   xp = _xp(words)
   n, k = words.shape[0], words.shape[1] * PACK
   if k % FRAGMENT_BLOCK:
-    raise ValueError(f"from_fragment_packed: words have K = {k} values per row, expected a multiple of "
-                     f"{FRAGMENT_BLOCK}")
+    raise ValueError(f"fragment-packed words have K = {k} values per row, expected a multiple of {FRAGMENT_BLOCK}")
   v = unpack_int4(words, axis=1).reshape(n, k // 64, 4, 2, 2, 4)  # [n, b, c, h, p, q]
-  v = xp.transpose(v, (0, 1, 5, 3, 2, 4)).reshape(n, k)  # [n, b, q, h, c, p] = natural k
-  return pack_int4(v.T, axis=1)
+  return xp.transpose(v, (0, 1, 5, 3, 2, 4)).reshape(n, k)  # [n, b, q, h, c, p] = natural k
+
+
+def from_fragment_packed(words):
+  """The inverse of `to_fragment_packed`: [N, K//8] fragment-packed words -> kernel layout [K, N//8]."""
+  return pack_int4(unpack_fragment(words).T, axis=1)

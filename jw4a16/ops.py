@@ -57,8 +57,12 @@ def preferred_packing(k: int, group_size: int, backend: str | None = None) -> st
   64-value blocks; "gptq" otherwise (other GPUs, the reference path)."""
   if resolve_backend(backend) != "triton" or current_target().name not in tuning.FRAGMENT_TARGETS:
     return "gptq"
-  g = checks.resolve_group_size(group_size, k)
-  return "fragment" if k % checks.FRAGMENT_BLOCK == 0 and g % checks.FRAGMENT_BLOCK == 0 else "gptq"
+  return "fragment" if checks.fragment_fits(k, checks.resolve_group_size(group_size, k)) else "gptq"
+
+
+def resolve_packing(packing: str, k: int, group_size: int) -> str:
+  """`packing` itself, or for "auto" the `preferred_packing` of a [K, N] weight with this group size."""
+  return preferred_packing(k, group_size) if packing == "auto" else packing
 
 
 def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packing="gptq"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jw4a16 import checks
-from jw4a16.layout import from_fragment_packed, unpack_int4
+from jw4a16.layout import from_fragment_packed, unpack_fragment, unpack_int4
 
 
 def dequantize(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None, dtype=None,
@@ -39,11 +39,10 @@ def dequantize(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 
 def dequantize_fragment_nk(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, dtype=None):
   """Fragment-packed [N, K // 8] words -> W^T [N, K] floats, in the packing's own row order (no transpose of the
   whole weight: the dequantize-then-GEMM route contracts K of both operands)."""
-  words = jnp.asarray(qweight)
-  n, k = words.shape[0], words.shape[1] * 8
+  q = unpack_fragment(jnp.asarray(qweight))  # [N, K]
+  n, k = q.shape
   g = checks.resolve_group_size(group_size, k)
-  q = unpack_int4(words, axis=1).reshape(n, k // 64, 4, 2, 2, 4)  # [n, b, c, h, p, q]
-  q = jnp.transpose(q, (0, 1, 5, 3, 2, 4)).reshape(n, k // g, g).astype(jnp.float32)  # natural k, by group
+  q = q.reshape(n, k // g, g).astype(jnp.float32)  # by group
   s = jnp.asarray(scales).astype(jnp.float32).T[:, :, None]  # [N, K // G, 1]
   z = jnp.float32(zp_bias)
   if qzeros is not None:

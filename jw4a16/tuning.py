@@ -33,8 +33,7 @@ class KernelConfig:
   w4a16_frag_kernel, the only one for weights with packing="fragment" (out^T = W^T x^T with block_n weight
   columns as the MMA's M; block_k a multiple of 64; scale_w=1 scales the weight tile before the dot).
   split_k > 1 splits K over that many programs per tile, whose fp32 partials the last one to finish sums
-  (kernels/splitk.py).  num_warps
-  counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
+  (kernels/splitk.py).  num_warps counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
   """
 
   block_m: int

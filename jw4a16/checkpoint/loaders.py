@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from jw4a16.checkpoint.formats import LINEAR_READERS, MARKER, Scheme
 from jw4a16.checkpoint.safetensors_dir import CheckpointError, SafetensorsDir, read_config, set_path
+from jw4a16.ops import resolve_packing
 from jw4a16.qweight import QuantizedWeight
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -128,12 +129,8 @@ def repack_params(params: dict, packing: str, where: str = "") -> dict:
 
 
 def _repack(w, packing: str, where: str):
-  if packing == "auto":
-    from jw4a16.ops import preferred_packing  # noqa: PLC0415
-
-    packing = preferred_packing(w.shape[0], w.group_size)
   try:
-    return w.repack(packing)
+    return w.repack(resolve_packing(packing, w.shape[0], w.group_size))
   except ValueError as e:
     raise CheckpointError(f"{where}: {e}") from None
 

@@ -332,7 +332,7 @@ def repack_projections(params: dict, quant: QuantSpec, packing: str = "auto") ->
   """Every int4 projection's qweight in `packing`: "gptq", "fragment", or "auto" (`jw4a16.preferred_packing` per
   projection: "fragment" on H100 / H200 where K and the group allow it).  Run after `fuse_projections` (which
   concatenates along N, GPTQ's packed axis).  Stacked (scan) weights are repacked one layer at a time."""
-  from jw4a16.ops import preferred_packing  # noqa: PLC0415
+  from jw4a16.ops import resolve_packing  # noqa: PLC0415
 
   specs, new_params = {}, dict(params)
   for path, spec in quant.layers:
@@ -345,7 +345,7 @@ def repack_projections(params: dict, quant: QuantSpec, packing: str = "auto") ->
       node = node[key]
     p = dict(node[keys[-1]])
     k = p["qweight"].shape[-2] if old == "gptq" else p["qweight"].shape[-1] * 8
-    want = preferred_packing(k, g) if packing == "auto" else packing
+    want = resolve_packing(packing, k, g)
     w = QuantizedWeight(p["qweight"], p["scales"], None, None, g, 8, old).repack(want)
     p["qweight"] = w.qweight
     node[keys[-1]] = p
