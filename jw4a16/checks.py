@@ -10,10 +10,17 @@ import numpy as np
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
 ACTIVATION_DTYPES = ("float16", "bfloat16")
 # How qweight's nibbles are laid out (jw4a16.layout): "gptq" [K, N // 8] packed along N (the kernel layout every
-# loader produces), "fragment" [N, K // 8] packed along K in the order Hopper's wgmma register operand holds it
-# (layout.to_fragment_packed; K a multiple of 64, G a multiple of 64).
+# loader produces), "fragment" [ceil(N / 64), 8 K] packed along K in the order Hopper's wgmma register operand holds
+# it, each block of 64 weight columns in one row of words, 64-K chunk by chunk (layout.to_fragment_packed; K a
+# multiple of 64, G a multiple of 64).
 PACKINGS = ("gptq", "fragment")
-FRAGMENT_BLOCK = 64
+FRAGMENT_BLOCK = 64  # K values per packed block
+FRAGMENT_ROWS = 64  # weight columns (N) per row of fragment-packed words
+
+
+def fragment_shape(k: int, n: int) -> tuple[int, int]:
+  """The fragment-packed qweight's shape for a [K, N] weight: [ceil(N / 64), 8 K] int32."""
+  return -(-n // FRAGMENT_ROWS), 8 * k
 INT32_MAX = 2**31 - 1
 
 
@@ -59,22 +66,23 @@ def check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx=Non
   if _dt(x) not in ACTIVATION_DTYPES:
     raise TypeError(f"x must be float16 or bfloat16, got {_dt(x)} (shape {x.shape})")
   frag = packing == "fragment"
-  form = "[N, K // 8] (packing='fragment')" if frag else "[K, N // 8]"
+  form = "[ceil(N / 64), 8 K] (packing='fragment')" if frag else "[K, N // 8]"
   if qweight.ndim != 2:
     raise ValueError(f"qweight must be {form} int32, got shape {qweight.shape}")
   if _dt(qweight) != "int32":
     raise TypeError(f"qweight must be int32 (8 nibbles per word), got {_dt(qweight)} with shape {qweight.shape}")
   k = x.shape[-1]
-  if (qweight.shape[1] * 8 if frag else qweight.shape[0]) != k:
+  if (qweight.shape[1] / 8 if frag else qweight.shape[0]) != k:
     raise ValueError(f"K mismatch: x.shape[-1]={k} but qweight.shape={qweight.shape} (qweight is {form})")
   if scales.ndim != 2:
     raise ValueError(f"scales must be [K // group_size, N], got shape {scales.shape}")
   n = scales.shape[1]
   if n % 8 or n == 0:
     raise ValueError(f"N={n} (scales.shape[1]) must be a positive multiple of 8")
-  if frag and qweight.shape[0] != n:
-    raise ValueError(f"qweight.shape={qweight.shape} holds {qweight.shape[0]} columns but scales has N={n}; "
-                     f"expected qweight [{n}, {k // 8}] (packing='fragment')")
+  if frag and tuple(qweight.shape) != fragment_shape(k, n):
+    raise ValueError(f"qweight.shape={qweight.shape} holds {qweight.shape[0] * FRAGMENT_ROWS} columns in blocks of "
+                     f"{FRAGMENT_ROWS} but scales has N={n}; expected qweight {list(fragment_shape(k, n))} "
+                     f"(packing='fragment')")
   if not frag and qweight.shape[1] * 8 != n:
     raise ValueError(f"qweight.shape={qweight.shape} holds {qweight.shape[1] * 8} columns but scales has N={n}; "
                      f"expected qweight [K, {n // 8}]")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jw4a16.checks import FRAGMENT_BLOCK
+from jw4a16.checks import FRAGMENT_BLOCK, FRAGMENT_ROWS
 
 PACK = 8  # 4-bit values per int32 word
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ stores logical nibble AWQ_ORDER[i] in bits 4i..4i+3
@@ -88,12 +88,17 @@ def awq_to_kernel(packed_awq):
 
 
 def to_fragment_packed(qweight):
-  """Kernel layout qweight [K, N//8] -> "fragment-packed" [N, K//8] int32 (K a multiple of 64), the weights in the
-  order a Hopper wgmma's register operand holds a [64 x 16k] tile of W^T (kernels/w4a16_frag.py).
+  """Kernel layout qweight [K, N//8] -> "fragment-packed" [ceil(N / 64), 8 K] int32 (K a multiple of 64), the
+  weights in the order a Hopper wgmma's register operand holds a [64 x 16k] tile of W^T (kernels/w4a16_frag.py),
+  each block of 64 weight columns stored chunk after chunk of 64 K values.
 
-  In each row n and block of 64 K values, k = 16 q + 8 h + 2 c + p (q, c < 4; h, p < 2) sits in word 8 b + 2 c + h
-  at nibble q + 4 p: thread column c of the wgmma fragment gets whole words, and the two values of each bf16x2
-  register pair (p = 0, 1) sit 16 bits apart, so one shift and one LOP3 make the pair.
+  Row n of W^T, block b of 64 K values: k = 64 b + 16 q + 8 h + 2 c + p (q, c < 4; h, p < 2) sits in word 2 c + h
+  at nibble q + 4 p of an 8-word chunk: thread column c of the wgmma fragment gets whole words, and the two values
+  of each bf16x2 register pair (p = 0, 1) sit 16 bits apart, so one shift and one LOP3 make the pair.  The chunk of
+  (n, b) is words [512 b + 8 (n % 64), + 8) of row n // 64: a kernel tile of 64 columns reads 2 KB in one piece per
+  64 K values (row-major [N, K // 8] words put each column's 32 bytes K / 2 bytes apart, 10 - 35 % slower on the
+  widest weights on H100).  Columns past N (the last block, when N % 64 != 0) are zeros.  A split of the second
+  axis into equal parts is a split of K in whole 64-value blocks, so row-parallel sharding splits it like K.
   """
   xp = _xp(qweight)
   k = qweight.shape[0]
@@ -103,19 +108,31 @@ def to_fragment_packed(qweight):
   n = v.shape[0]
   v = v.reshape(n, k // 64, 4, 2, 4, 2)  # [n, b, q, h, c, p]
   v = xp.transpose(v, (0, 1, 4, 3, 5, 2))  # [n, b, c, h, p, q]: word (b, c, h), nibble 4 p + q
-  return pack_int4(v.reshape(n, k), axis=1)
+  words = pack_int4(v.reshape(n, k), axis=1)  # [N, K // 8], each column's words in a row
+  nb = -(-n // FRAGMENT_ROWS)
+  words = xp.pad(words, ((0, nb * FRAGMENT_ROWS - n), (0, 0)))
+  words = xp.transpose(words.reshape(nb, FRAGMENT_ROWS, k // 64, 8), (0, 2, 1, 3))  # [block, b, n % 64, word]
+  return words.reshape(nb, 8 * k)
 
 
-def unpack_fragment(words):
-  """[N, K//8] fragment-packed words -> the 4-bit values [N, K] (int32) of W^T, K in natural order."""
+def unpack_fragment(words, n: int | None = None):
+  """[ceil(N / 64), 8 K] fragment-packed words -> the 4-bit values [N, K] (int32) of W^T, K in natural order.
+  n: N, when the last block of 64 columns is partial (default: all of them)."""
   xp = _xp(words)
-  n, k = words.shape[0], words.shape[1] * PACK
-  if k % FRAGMENT_BLOCK:
-    raise ValueError(f"fragment-packed words have K = {k} values per row, expected a multiple of {FRAGMENT_BLOCK}")
-  v = unpack_int4(words, axis=1).reshape(n, k // 64, 4, 2, 2, 4)  # [n, b, c, h, p, q]
+  if words.ndim != 2 or words.shape[1] % (8 * FRAGMENT_BLOCK):
+    raise ValueError(f"fragment-packed words must be [ceil(N / {FRAGMENT_ROWS}), 8 K] with K a multiple of "
+                     f"{FRAGMENT_BLOCK}, got shape {words.shape}")
+  nb, k = words.shape[0], words.shape[1] // 8
+  n = nb * FRAGMENT_ROWS if n is None else n
+  if not (nb - 1) * FRAGMENT_ROWS < n <= nb * FRAGMENT_ROWS:
+    raise ValueError(f"fragment-packed words of shape {words.shape} hold {nb} blocks of {FRAGMENT_ROWS} columns, "
+                     f"not N = {n}")
+  rows = xp.transpose(words.reshape(nb, k // 64, FRAGMENT_ROWS, 8), (0, 2, 1, 3)).reshape(nb * FRAGMENT_ROWS, k // 8)
+  v = unpack_int4(rows[:n], axis=1).reshape(n, k // 64, 4, 2, 2, 4)  # [n, b, c, h, p, q]
   return xp.transpose(v, (0, 1, 5, 3, 2, 4)).reshape(n, k)  # [n, b, q, h, c, p] = natural k
 
 
-def from_fragment_packed(words):
-  """The inverse of `to_fragment_packed`: [N, K//8] fragment-packed words -> kernel layout [K, N//8]."""
-  return pack_int4(unpack_fragment(words).T, axis=1)
+def from_fragment_packed(words, n: int | None = None):
+  """The inverse of `to_fragment_packed`: [ceil(N / 64), 8 K] fragment-packed words -> kernel layout [K, N//8].
+  n: N, when the last block of 64 columns is partial (default: all of them)."""
+  return pack_int4(unpack_fragment(words, n).T, axis=1)

@@ -13,7 +13,7 @@ from jw4a16.sharding import layer_matmul
 
 # Logical axis names of the parameters (map them to mesh axes with flax.linen.logical_axis_rules):
 #   qweight [K, N // 8], scales [K // G, N], qzeros [K // G, N // 8] -> kernel_axes = (in_axis, out_axis);
-#   with packing="fragment" qweight is [N, K // 8] -> (out_axis, in_axis)
+#   with packing="fragment" qweight is [ceil(N / 64), 8 K] -> (out_axis, in_axis)
 #   bias [N] -> (out_axis,);  perm [K] -> replicated.
 # Column-parallel (split N): kernel_axes=("embed", "mlp") with "mlp" on a mesh axis.
 # Row-parallel (split K): kernel_axes=("mlp", "embed") with "mlp" on a mesh axis (then psum the output).
@@ -32,14 +32,14 @@ def check_layer(in_features: int, features: int, group_size: int, packing: str =
 def qweight_shape(k: int, n: int, packing: str, kernel_axes) -> tuple[tuple[int, int], tuple]:
   """qweight's shape and logical axes in `packing`."""
   if packing == "fragment":
-    return (n, k // 8), tuple(reversed(kernel_axes))
+    return checks.fragment_shape(k, n), tuple(reversed(kernel_axes))
   return (k, n // 8), tuple(kernel_axes)
 
 
 class W4A16Dense(nn.Module):
   """y = x @ W + b with W int4 in kernel layout.  x [..., K] -> [..., features].
 
-  Parameters: qweight [K, features // 8] int32 ([features, K // 8] with packing="fragment"), scales
+  Parameters: qweight [K, features // 8] int32 ([ceil(features / 64), 8 K] with packing="fragment"), scales
   [K // G, features] param_dtype, qzeros [K // G, features // 8] int32 (asymmetric only), bias [features]
   param_dtype, perm [K] int32 (act_order only: qweight rows sorted by group, x gathered by perm).  Values from
   init are placeholders of the right shape and type; real values come from a checkpoint (jw4a16.checkpoint) or

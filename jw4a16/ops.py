@@ -180,7 +180,7 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
       Concrete g_idx is checked here (every group must own exactly G rows); traced g_idx is checked on
       the device, and a failed check turns the output into NaN rather than a silently wrong result.
     perm: [K] int, qweight's rows are already sorted by group; x's columns are gathered by perm.
-    packing: "gptq" (qweight as above) or "fragment": qweight [N, K // 8] from `jw4a16.layout.to_fragment_packed`
+    packing: "gptq" (qweight as above) or "fragment": qweight [ceil(N / 64), 8 K] from `layout.to_fragment_packed`
       (or `QuantizedWeight.repack`), done once at load time; K and G multiples of 64, no g_idx (use perm).  The
       fastest layout on H100 (`jw4a16.preferred_packing` says which to use on this device).
     backend: "auto" (default; or $JW4A16_BACKEND), "triton" or "reference".

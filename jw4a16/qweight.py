@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ class QuantizedWeight:
   """A [K, N] int4 weight in kernel layout.
 
   qweight [K, N // 8] int32: packed along N, column 8j+i of row k in bits 4i..4i+3 of word (k, j); or with
-          packing="fragment", [N, K // 8] packed along K in Hopper's wgmma operand order (`repack`).
+          packing="fragment", [ceil(N / 64), 8 K] packed along K in Hopper's wgmma operand order (`repack`).
   scales  [K // G, N] float16 | bfloat16.
   qzeros  [K // G, N // 8] int32 packed like qweight, or None (symmetric: zero = zp_bias).
   perm    [K] int32 or None: act-order checkpoints.  Rows of qweight are stored sorted by group, so row i uses
@@ -37,7 +38,7 @@ class QuantizedWeight:
   def shape(self) -> tuple[int, int]:
     """The logical (K, N) of the weight."""
     if self.packing == "fragment":
-      return (self.qweight.shape[-1] * 8, self.scales.shape[-1])
+      return (self.qweight.shape[-1] // 8, self.scales.shape[-1])
     return (self.qweight.shape[-2], self.scales.shape[-1])
 
   def repack(self, packing: str) -> QuantizedWeight:
@@ -46,9 +47,12 @@ class QuantizedWeight:
     ValueError naming K and the group size where "fragment" cannot hold them (multiples of 64 needed)."""
     if packing == self.packing:
       return self
-    k, _ = self.shape
+    k, n = self.shape
     checks.check_packing(packing, k, self.group_size)
-    convert = layout.to_fragment_packed if packing == "fragment" else layout.from_fragment_packed
+    if packing == "fragment":
+      convert = layout.to_fragment_packed
+    else:
+      convert = functools.partial(layout.from_fragment_packed, n=n)
     qweight = self.qweight
     if qweight.ndim == 3:
       xp = np if isinstance(qweight, np.ndarray) else jnp

@@ -17,11 +17,11 @@ def dequantize(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 
   """[K, N // 8] int32 packed weights -> [K, N] floats: W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n].
 
   g(k) = g_idx[k] when given (act-order rows in checkpoint order), else k // group_size.  `dtype` defaults to
-  scales' dtype.  packing="fragment": qweight is [N, K // 8] (layout.to_fragment_packed).
+  scales' dtype.  packing="fragment": qweight is [ceil(N / 64), 8 K] (layout.to_fragment_packed).
   """
   if packing == "fragment":
     if g_idx is not None:  # act-order rows in checkpoint order only exist in the GPTQ packing
-      qweight = from_fragment_packed(jnp.asarray(qweight))
+      qweight = from_fragment_packed(jnp.asarray(qweight), scales.shape[1])
     else:
       return dequantize_fragment_nk(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=dtype).T
   k = qweight.shape[0]
@@ -37,9 +37,9 @@ def dequantize(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 
 
 
 def dequantize_fragment_nk(qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, dtype=None):
-  """Fragment-packed [N, K // 8] words -> W^T [N, K] floats, in the packing's own row order (no transpose of the
-  whole weight: the dequantize-then-GEMM route contracts K of both operands)."""
-  q = unpack_fragment(jnp.asarray(qweight))  # [N, K]
+  """Fragment-packed [ceil(N / 64), 8 K] words -> W^T [N, K] floats (no transpose of the whole weight: the
+  dequantize-then-GEMM route contracts K of both operands)."""
+  q = unpack_fragment(jnp.asarray(qweight), scales.shape[1])  # [N, K]
   n, k = q.shape
   g = checks.resolve_group_size(group_size, k)
   q = q.reshape(n, k // g, g).astype(jnp.float32)  # by group

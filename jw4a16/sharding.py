@@ -35,7 +35,8 @@ def _mesh(mesh):
   return mesh
 
 
-def check_split(mode: str, k: int, n: int, group_size: int, shards: int, axis: str) -> None:
+def check_split(mode: str, k: int, n: int, group_size: int, shards: int, axis: str,
+                packing: str = "gptq") -> None:
   """Raises a clear ValueError when the weight cannot be split `shards` ways in `mode`."""
   if mode not in MODES:
     raise ValueError(f"mode={mode!r} must be one of {MODES}")
@@ -44,6 +45,10 @@ def check_split(mode: str, k: int, n: int, group_size: int, shards: int, axis: s
     if (n // 8) % shards:
       raise ValueError(f"column-parallel over {axis!r} ({shards} shards): N={n} gives {n // 8} int32 words, not "
                        f"divisible by {shards}; N per shard must be a multiple of 8")
+    if packing == "fragment" and n % (checks.FRAGMENT_ROWS * shards):
+      raise ValueError(f"column-parallel over {axis!r} ({shards} shards) with packing='fragment': N={n} must give "
+                       f"each shard whole blocks of {checks.FRAGMENT_ROWS} columns (N per shard {n / shards:g}); "
+                       "keep packing='gptq' for this weight")
   else:
     if k % shards or (k // shards) % g:
       raise ValueError(f"row-parallel over {axis!r} ({shards} shards): K={k} must split into whole groups of "
@@ -56,7 +61,7 @@ def parallel_matmul(x, w: QuantizedWeight, mode: str, axis: str, *, mesh=None, b
   mesh = _mesh(mesh)
   k, n = w.shape
   shards = mesh.shape[axis]
-  check_split(mode, k, n, w.group_size, shards, axis)
+  check_split(mode, k, n, w.group_size, shards, axis, w.packing)
   lead = (None,) * (x.ndim - 1)
   has_zp = w.qzeros is not None
 
@@ -68,7 +73,8 @@ def parallel_matmul(x, w: QuantizedWeight, mode: str, axis: str, *, mesh=None, b
   if w.perm is not None:  # rows of qweight are sorted by group: permute x's columns once, globally
     x = jnp.take(x, w.perm, axis=-1)
   wspec = P(None, axis) if mode == "column" else P(axis, None)
-  qspec = P(*reversed(tuple(wspec))) if w.packing == "fragment" else wspec  # fragment: qweight is [N, K // 8]
+  # fragment: qweight [ceil(N / 64), 8 K] splits along N by its first axis and along K by its second
+  qspec = P(*reversed(tuple(wspec))) if w.packing == "fragment" else wspec
   xspec = P(*lead, None) if mode == "column" else P(*lead, axis)
   ospec = P(*lead, axis) if mode == "column" else P(*lead, None)
   qzeros = w.qzeros if has_zp else jnp.zeros((1, 1), jnp.int32)
@@ -92,6 +98,7 @@ def layer_matmul(x, w: QuantizedWeight, parallel: str | None, axis: str, *, back
 
 def param_shardings(w: QuantizedWeight, mode: str, axis: str, mesh) -> QuantizedWeight:
   """NamedShardings for one weight, shaped like it: pass a tree of these to checkpoint.restore(shardings=)."""
+  check_split(mode, *w.shape, w.group_size, mesh.shape[axis], axis, w.packing)
   spec = P(None, axis) if mode == "column" else P(axis, None)
   named = NamedSharding(mesh, spec)
   qnamed = NamedSharding(mesh, P(*reversed(tuple(spec)))) if w.packing == "fragment" else named

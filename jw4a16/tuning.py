@@ -240,17 +240,23 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
 
 
 def frag_hazard(cfg: KernelConfig) -> bool:
-  """Frag-kernel configs that gave wrong results on H100 (Triton 3.6): 8 warps with 128-deep K steps and a 3- or
-  4-stage pipeline, scaling the weights (float16 symmetric weights, errors of 0.4 - 13 % in some launches, not in
-  others; 4 warps, 2 stages, 64-deep steps or SCALE_W = 0 were right; session 7, docs/performance.md).  Never
-  dispatched, tuned or tabled."""
-  return cfg.kernel == "frag" and cfg.num_warps >= 8 and cfg.block_k >= 128 and cfg.num_stages >= 3
+  """Frag-kernel configs that gave wrong results on H100 (Triton 3.6), in some launches and not in others; never
+  dispatched, tuned or tabled (docs/performance.md):
+  - session 7: 8 warps with 128-deep K steps and a 3- or 4-stage pipeline, scaling the weights (float16 symmetric
+    weights, errors of 0.4 - 13 %; 4 warps, 2 stages, 64-deep steps or SCALE_W = 0 were right);
+  - session 8: 16-row tiles of x, 128-deep K steps, 3 stages, scaling the weights (bfloat16, M = 1, 8192 x 57344:
+    errors of 4.5 - 58 % in 20 of 20 launches; the same with 8-row tiles, SCALE_W = 0, M = 2 or 4096 x 28672
+    was right in 20 of 20)."""
+  if cfg.kernel != "frag" or not cfg.scale_w or cfg.block_k < 128 or cfg.num_stages < 3:
+    return False
+  return cfg.num_warps >= 8 or cfg.block_m == 16
 
 
 def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
   """Defaults of the fragment-packed kernel, read off the session-7 H100 sweep
   (benchmarks/results/sweep-frag-h100-2026-11-26-s7.json; within 7 % of each shape's best on average over its 66
-  (shape, M) points, 50 % at worst): 8- to 32-row tiles of x against 64 weight columns, scaled weights, split
+  (shape, M) points, 50 % at worst): 8- to 32-row tiles of x against 64 weight columns, scaled weights (not with
+  16-row tiles: frag_hazard), split
   along K until about 4 programs per SM, up to M = 32; 64 x 128 tiles at M = 64; 128 x 128 to M = 256 and
   128 x 256 beyond.  Other targets (not measured; the packing is tailored to Hopper's wgmma) get the same shapes
   but 64 columns at M = 64."""
@@ -265,7 +271,9 @@ def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
     bm, bn, bk, warps, stages, programs = 128, 256, 64, 8, 4, 1
   tiles = math.ceil(m / bm) * math.ceil(n / bn)
   split = _split_k(target, tiles, k, 2 * bk, programs / target.num_sms, max_split=32)
-  return KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag", scale_w=1)
+  scale_w = int(bm != 16)  # 16-row tiles scaling the weights: frag_hazard
+  return KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag",
+                      scale_w=scale_w)
 
 
 @functools.lru_cache(maxsize=None)

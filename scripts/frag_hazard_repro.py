@@ -1,10 +1,13 @@
-"""Reproduces the frag-kernel failure that `jw4a16.tuning.frag_hazard` fences off (H100, Triton 3.6, session 7).
+"""Reproduces the frag-kernel failures that `jw4a16.tuning.frag_hazard` fences off (H100, Triton 3.6, sessions 7, 8).
 
 Launches kernels/w4a16_frag.py from torch on fp16 / bf16, symmetric / asymmetric weights, with the failing config
 (BLOCK_M 64, BLOCK_N 128, BLOCK_K 128, 8 warps, 3 stages, SCALE_W 1) and its neighbours, and prints each one's
 relative error against a dequantize-then-matmul reference.  On the device in session 7: fp16 symmetric failed
 (errors 0.2 - 13 %, not in every launch) for 8 warps with BLOCK_K 128 and 3 - 4 stages, with and without the
 inline PTX; 4 warps, 2 stages, BLOCK_K 64 and SCALE_W 0 were right; bf16 and asymmetric fp16 were right.
+Session 8 (second part): BLOCK_M 16, BLOCK_N 128, BLOCK_K 128, 4 warps, 3 stages, SCALE_W 1 at M = 1 on
+8192 x 57344 bf16, 20 launches: errors 4.5 - 58 %; BLOCK_M 8, SCALE_W 0, M = 2 and 4096 x 28672 were right in 20 of
+20 (a dev copy of this part ran on the device; the script itself has not).
 Needs a CUDA GPU and torch; not part of the package or the tests.
 
   python scripts/frag_hazard_repro.py
@@ -57,6 +60,18 @@ def main():
       print(f"K={k} N={n} G={g} {str(dtype)[6:]} {'asym' if asym else 'sym '} M={m:3d}: " +
             " ".join(f"{e:.1e}" for e in errs), flush=True)
   print("columns:", CONFIGS)
+  # session 8: (K, N), M, (BLOCK_M, BLOCK_N, BLOCK_K, SCALE_W, warps, stages, PTX); the failing config first
+  for (k, n), m, cfg in [((8192, 57344), 1, (16, 128, 128, 1, 4, 3, 1)), ((8192, 57344), 1, (8, 128, 128, 1, 4, 3, 1)),
+                         ((8192, 57344), 1, (16, 128, 128, 0, 4, 3, 1)), ((8192, 57344), 2, (16, 128, 128, 1, 4, 3, 1)),
+                         ((4096, 28672), 1, (16, 128, 128, 1, 4, 3, 1))]:
+    torch.manual_seed(0)
+    qw, s, qz = make(k, n, 128, torch.bfloat16, False)
+    w = dequant(qw, s, qz, 128).float()
+    qf = torch.from_numpy(np.asarray(layout.to_fragment_packed(qw.cpu().numpy()))).cuda()
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    ref = x.float() @ w
+    errs = [((run(x, qf, s, None, 128, cfg).float() - ref).norm() / ref.norm()).item() for _ in range(20)]
+    print(f"K={k} N={n} M={m} {cfg}: errors over 20 launches {min(errs):.1e} - {max(errs):.1e}", flush=True)
 
 
 if __name__ == "__main__":

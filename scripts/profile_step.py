@@ -103,6 +103,8 @@ def main(argv=None):
   p.add_argument("--layers", type=int, default=32)
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--variant", default="w4a16", choices=("w4a16", "bf16"))
+  p.add_argument("--packing", default="auto", choices=("auto", "gptq", "fragment"),
+                 help="the int4 weights' layout (op and decode; default: the fastest for this device)")
   p.add_argument("--no-fuse", action="store_true")
   p.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                  help="passed to jax.jit(compiler_options=...) of the decode step, "
@@ -115,13 +117,18 @@ def main(argv=None):
 
   if a.what == "op":
     from jw4a16 import bench, w4a16_matmul  # noqa: PLC0415
+    from jw4a16.layout import to_fragment_packed  # noqa: PLC0415
+    from jw4a16.ops import resolve_packing  # noqa: PLC0415
 
     k, n = map(int, a.shape.split("x"))
+    packing = resolve_packing(a.packing, k, 128)
     sets = [bench.make_quantized(jax.random.key(i), k, n, 128, jnp.bfloat16, True) for i in range(a.copies)]
+    if packing == "fragment":
+      sets = [(to_fragment_packed(qw), s, qz) for qw, s, qz in sets]
     x = jax.random.normal(jax.random.key(99), (a.m, k), jnp.bfloat16)
-    many = jax.jit(lambda x, ws: [w4a16_matmul(x, *w, group_size=128) for w in ws])
+    many = jax.jit(lambda x, ws: [w4a16_matmul(x, *w, group_size=128, packing=packing) for w in ws])
     wall, s = trace_steps(many, lambda i: (x, sets), a.steps, a.trace_dir)
-    name = f"op {k}x{n} M={a.m}, {a.copies} calls per step"
+    name = f"op {k}x{n} M={a.m} packing={packing}, {a.copies} calls per step"
     report(name, wall, s)
     print(f"   per op: wall {wall / a.copies:.1f} us, GPU busy {s['gpu_busy_us_per_step'] / a.copies:.1f} us")
   else:
@@ -129,7 +136,8 @@ def main(argv=None):
     from jw4a16.models.llama import init_cache  # noqa: PLC0415
 
     model, params = llama_bench.build(dataclasses.replace(llama_bench.LLAMA3_8B, num_layers=a.layers),
-                                      a.variant == "w4a16", jax.random.key(0), fuse=not a.no_fuse)
+                                      a.variant == "w4a16", jax.random.key(0), fuse=not a.no_fuse,
+                                      packing=a.packing)
     cfg = model.cfg
     opts = dict(o.split("=", 1) for o in a.compiler_option)
     step = jax.jit(lambda p, ids, cache, i: model.apply({"params": p}, ids, cache, i), donate_argnums=(2,),
@@ -145,7 +153,8 @@ def main(argv=None):
     jax.block_until_ready(run(params, ids, np.int32(0)))
     print(f"compile + first step: {time.perf_counter() - t:.1f} s", flush=True)
     wall, s = trace_steps(run, lambda i: (params, ids, np.int32(1 + i % 200)), a.steps, a.trace_dir)
-    name = f"decode {a.variant} layers={a.layers} batch={a.batch} fused={not a.no_fuse} options={opts}"
+    name = (f"decode {a.variant} layers={a.layers} batch={a.batch} fused={not a.no_fuse} packing={a.packing} "
+            f"options={opts}")
     report(name, wall, s)
     print(f"   tokens/s: {a.batch / (wall * 1e-6):.0f}")
   if a.json:

@@ -7,6 +7,7 @@ weights come from HBM as in a model; the time per op is the replay time / R), th
 counters included, and checks every config against a dequantize-then-matmul reference first.
 
   python scripts/sweep.py --shapes 4096x6144,4096x28672 --ms 1,16,64 --out sweep.json
+  python scripts/sweep.py --packing fragment --ms 1,16 --out sweep-frag.json   # the frag kernel
 """
 
 import argparse
@@ -22,7 +23,8 @@ import triton
 import triton.testing
 
 from jw4a16.kernels import KERNELS
-from jw4a16.tuning import KernelConfig, candidate_configs, gemv_candidates, select_config
+from jw4a16.layout import to_fragment_packed
+from jw4a16.tuning import KernelConfig, candidate_configs, frag_candidates, gemv_candidates, select_config
 
 
 def make(k, n, g, dtype, has_zp, dev="cuda"):
@@ -47,9 +49,10 @@ def launch(cfg, x, qw, s, qz, g):
   partials, locks = cfg.scratch_shapes(m, n)
   partials = torch.empty(partials, dtype=torch.float32, device=x.device)
   locks = torch.zeros(locks, dtype=torch.int32, device=x.device)
+  extra = {"PTX": int(torch.version.hip is None)} if cfg.kernel == "frag" else {}  # as ops._launch passes it
   KERNELS[cfg.kernel][cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, partials, locks, N=n, K=k,
                                       GROUP_SIZE=g, HAS_ZP=qz is not None, ZP_BIAS=8, num_warps=cfg.num_warps,
-                                      num_stages=cfg.num_stages, **cfg.meta())
+                                      num_stages=cfg.num_stages, **cfg.meta(), **extra)
   return out
 
 
@@ -62,6 +65,8 @@ def main():
   p.add_argument("--asym", action="store_true")
   p.add_argument("--max-configs", type=int, default=24)
   p.add_argument("--kinds", default="all", choices=("all", "gemv"), help="gemv: only gemv kernel candidates")
+  p.add_argument("--packing", default="gptq", choices=("gptq", "fragment"),
+                 help="fragment: the frag kernel's candidates on fragment-packed weights (layout.to_fragment_packed)")
   p.add_argument("--out", default=None)
   a = p.parse_args()
   dtype = getattr(torch, a.dtype)
@@ -73,6 +78,9 @@ def main():
     sets = [make(k, n, a.group, dtype, a.asym) for _ in range(r)]
     qw, s, qz = sets[0]
     w = dequant(qw, s, qz, a.group)
+    if a.packing == "fragment":  # the reference stays the GPTQ-layout dequantization above
+      sets = [(torch.from_numpy(to_fragment_packed(qw.cpu().numpy())).cuda(), s, qz) for qw, s, qz in sets]
+      qw = sets[0][0]
     dense = [torch.randn(k, n, device="cuda", dtype=dtype) for _ in range(max(1, math.ceil(100e6 / (2 * k * n))))]
     for m in map(int, a.ms.split(",")):
       x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -80,8 +88,11 @@ def main():
       floor_us = max((k * n / 2 + s.numel() * 2 + m * (k + n) * 2) / bw, 2 * m * n * k / 780e12) * 1e6
       dense_us = triton.testing.do_bench_cudagraph(lambda: [x @ d for d in dense],
                                                    return_mode="median") * 1e3 / len(dense)
-      cands = (gemv_candidates if a.kinds == "gemv" else candidate_configs)(m, k, n, a.group)
-      h = select_config(m, k, n, a.group, a.dtype, a.asym)  # what the dispatcher picks today: the baseline
+      if a.packing == "fragment":
+        cands = frag_candidates(m, k, n, a.group)
+      else:
+        cands = (gemv_candidates if a.kinds == "gemv" else candidate_configs)(m, k, n, a.group)
+      h = select_config(m, k, n, a.group, a.dtype, a.asym, packing=a.packing)  # today's pick: the baseline
       # keep the current pick, then an even spread over the rest
       cands = [h] + random.Random(m * 7919 + k).sample([c for c in cands if c != h], min(a.max_configs,
                                                                                            len(cands) - 1))

@@ -54,8 +54,8 @@ def check_column_and_row():
     # each device holds only its shard of the weights
     shard_shapes = {s.data.shape for s in ws.qweight.addressable_shards}
     want = {(1024, 512 // 64)} if mode == "column" else {(1024 // 8, 512 // 8)}
-    if packing == "fragment":  # qweight [N, K // 8]
-      want = {(512 // 8, 1024 // 8)} if mode == "column" else {(512, 1024 // 64)}
+    if packing == "fragment":  # qweight [N / 64, 8 K]: 64 columns a shard, or K / 8 per shard
+      want = {(512 // 64 // 8, 8 * 1024)} if mode == "column" else {(512 // 64, 8 * 1024 // 8)}
     assert shard_shapes == want, (packing, shard_shapes)
     print("ok", mode, "act_order" if act else "", packing, rel)
 
@@ -73,6 +73,12 @@ def check_errors():
     raise SystemExit("no error for K")
   except ValueError as e:
     assert "whole groups of group_size=128" in str(e), e
+  w, _ = weight(512, 256, 64)  # fragment: 32 columns per shard, not whole blocks of 64
+  try:
+    sharding.parallel_matmul(make_x((2, 512)), w.repack("fragment"), "column", "tp", mesh=MESH)
+    raise SystemExit("no error for fragment N")
+  except ValueError as e:
+    assert "whole blocks of 64 columns (N per shard 32)" in str(e), e
   print("ok errors")
 
 
@@ -112,12 +118,12 @@ def check_orbax_sharded_restore():
     assert q.sharding == NamedSharding(MESH, P("tp", None)), q.sharding
     assert {s.data.shape for s in q.addressable_shards} == {(128, 64)}
     np.testing.assert_array_equal(np.asarray(q), np.asarray(w.qweight))
-    f = w.repack("fragment")  # qweight [N, K // 8]: the row split is along its second axis
+    f = w.repack("fragment")  # qweight [N / 64, 8 K]: the row split is along its second axis
     checkpoint.save({"layer": f}, f"{d}/frag")
     back, _ = checkpoint.restore(f"{d}/frag", shardings={"layer": sharding.param_shardings(f, "row", "tp", MESH)})
     q = back["layer"].qweight
     assert back["layer"].packing == "fragment" and q.sharding == NamedSharding(MESH, P(None, "tp")), q.sharding
-    assert {s.data.shape for s in q.addressable_shards} == {(512, 16)}
+    assert {s.data.shape for s in q.addressable_shards} == {(8, 1024)}
     np.testing.assert_array_equal(np.asarray(q), np.asarray(f.qweight))
   print("ok orbax")
 

@@ -10,14 +10,15 @@ from tests.helpers import assert_close, make_weights, make_x
 
 def test_to_fragment_packed_places_each_value():
   rng = np.random.default_rng(0)
-  q = rng.integers(0, 16, (128, 24))  # [K, N]
+  q = rng.integers(0, 16, (128, 88))  # [K, N]
   words = layout.to_fragment_packed(layout.pack_int4(q, axis=1))
-  assert words.shape == (24, 16) and words.dtype == np.int32
+  assert words.shape == (2, 1024) and words.dtype == np.int32
   u = words.astype(np.uint32)
-  for n, k in [(0, 0), (3, 1), (5, 2), (7, 9), (11, 17), (23, 63), (2, 64), (19, 127)]:
+  for n, k in [(0, 0), (3, 1), (5, 2), (7, 9), (11, 17), (23, 63), (2, 64), (19, 127), (64, 5), (87, 100)]:
     b, r = divmod(k, 64)
     qq, h, c, p = r // 16, (r // 8) % 2, (r // 2) % 4, r % 2
-    assert (u[n, 8 * b + 2 * c + h] >> (4 * (qq + 4 * p))) & 0xF == q[k, n], (n, k)
+    word = 512 * b + 8 * (n % 64) + 2 * c + h
+    assert (u[n // 64, word] >> (4 * (qq + 4 * p))) & 0xF == q[k, n], (n, k)
   with pytest.raises(ValueError, match="K = 72 rows, expected a multiple of 64"):
     layout.to_fragment_packed(layout.pack_int4(q[:72], axis=1))
 
@@ -47,3 +48,10 @@ def test_frag_kernel(kng, bm, bk, split, dtype, symmetric, scale_w):
                           GROUP_SIZE=k if g == -1 else g, HAS_ZP=qz is not None, ZP_BIAS=8, BLOCK_M=bm, BLOCK_N=bn,
                           BLOCK_K=bk, SPLIT_K=split, SCALE_W=scale_w)
   assert_close(out.float().numpy(), np.asarray(x, np.float64) @ w, dtype)
+
+
+def test_kernel_block_of_columns_is_the_packings():
+  from jw4a16 import checks  # noqa: PLC0415
+  from jw4a16.kernels import w4a16_frag  # noqa: PLC0415
+
+  assert w4a16_frag.ROW_BLOCK == checks.FRAGMENT_ROWS

@@ -2,6 +2,8 @@
 dispatcher's configs, the layers, the model loader and the Orbax round trip.  (The kernel itself runs in the
 interpreter in test_frag_interpret.py and test_kernel_interpret.py, and on the GPU in test_gpu.py.)"""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +24,25 @@ K, N, G = 256, 72, 64
 def test_from_fragment_packed_inverts(xp):
   q = np.random.default_rng(0).integers(-2**31, 2**31 - 1, (K, N // 8)).astype(np.int32)
   f = layout.to_fragment_packed(xp.asarray(q))
-  assert f.shape == (N, K // 8)
-  np.testing.assert_array_equal(np.asarray(layout.from_fragment_packed(f)), q)
-  with pytest.raises(ValueError, match="K = 72 values per row, expected a multiple of 64"):
+  assert f.shape == (2, 8 * K)  # N = 72: one block of 64 columns and one of 8, zero-padded
+  np.testing.assert_array_equal(np.asarray(layout.from_fragment_packed(f, N)), q)
+  assert not np.asarray(layout.unpack_fragment(f))[N:].any()  # the padding columns
+  with pytest.raises(ValueError, match=r"must be \[ceil\(N / 64\), 8 K\] with K a multiple of 64, got shape \(8, 9\)"):
     layout.from_fragment_packed(np.zeros((8, 9), np.int32))
+  with pytest.raises(ValueError, match=r"hold 2 blocks of 64 columns, not N = 136"):
+    layout.from_fragment_packed(f, 136)
+
+
+def test_fragment_blocks_hold_each_k_chunk_of_64_columns_in_one_piece():
+  """Row j of the packed words holds columns 64 j .. 64 j + 63, K block b (64 values) of them in words
+  512 b .. 512 b + 511, column n's 8 words at 8 (n % 64): a tile reads one 2 KB run per K block."""
+  rng = np.random.default_rng(1)
+  q = rng.integers(0, 16, (256, 136))  # [K, N]: two whole blocks of columns and one of 8
+  f = layout.to_fragment_packed(layout.pack_int4(q, axis=1))
+  eight = layout.to_fragment_packed(layout.pack_int4(q[:, 64:72], axis=1))  # columns 64 .. 71 alone: [1, 8 K]
+  for n in range(64, 72):  # their 8 words of each K block, in the second row at 8 (n % 64)
+    np.testing.assert_array_equal(f[1].reshape(4, 64, 8)[:, n % 64], eight[0].reshape(4, 64, 8)[:, n - 64])
+  assert not f[2].reshape(4, 64, 8)[:, 8:].any()
 
 
 def test_matmul_fragment_equals_gptq_and_jit_vmap():
@@ -47,10 +64,12 @@ def test_fragment_bad_input():
   x = make_x((2, K))
   with pytest.raises(ValueError, match=r"packing='frag' must be one of \('gptq', 'fragment'\)"):
     jw4a16.w4a16_matmul(x, qw, s, group_size=G, packing="frag")
-  with pytest.raises(ValueError, match=r"K mismatch: x.shape\[-1\]=256 but qweight.shape=\(256, 9\) \(qweight is \[N"):
+  with pytest.raises(ValueError, match=r"K mismatch: x.shape\[-1\]=256 but qweight.shape=\(256, 9\) "
+                                       r"\(qweight is \[ceil"):
     jw4a16.w4a16_matmul(x, qw, s, group_size=G, packing="fragment")  # GPTQ words passed as fragment
-  with pytest.raises(ValueError, match=r"holds 64 columns but scales has N=72; expected qweight \[72, 32\]"):
-    jw4a16.w4a16_matmul(x, fq[:64], s, group_size=G, packing="fragment")
+  with pytest.raises(ValueError, match=r"holds 64 columns in blocks of 64 but scales has N=72; expected qweight "
+                                       r"\[2, 2048\]"):
+    jw4a16.w4a16_matmul(x, fq[:1], s, group_size=G, packing="fragment")
   with pytest.raises(ValueError, match="needs packing='gptq'"):
     jw4a16.w4a16_matmul(x, fq, s, group_size=G, packing="fragment", g_idx=jnp.arange(K) // G)
   qw32, s32, _, _, _ = make_weights(K, N, 32)
@@ -66,14 +85,15 @@ def test_fragment_bad_input():
 def test_quantized_weight_repack():
   w = jw4a16.quantize(jax.random.normal(jax.random.key(0), (K, N)), group_size=G, symmetric=False)
   f = w.repack("fragment")
-  assert f.packing == "fragment" and f.qweight.shape == (N, K // 8) and f.shape == w.shape == (K, N)
+  assert f.packing == "fragment" and f.qweight.shape == (2, 8 * K) and f.shape == w.shape == (K, N)
   assert f.repack("fragment") is f
   np.testing.assert_array_equal(np.asarray(f.repack("gptq").qweight), np.asarray(w.qweight))
   x = make_x((3, K))
   np.testing.assert_array_equal(np.asarray(jw4a16.quantized_matmul(x, f), np.float32),
                                 np.asarray(jw4a16.quantized_matmul(x, w), np.float32))
   stacked = jw4a16.QuantizedWeight(np.stack([np.asarray(w.qweight)] * 2), np.asarray(w.scales), group_size=G)
-  assert stacked.repack("fragment").qweight.shape == (2, N, K // 8)
+  assert stacked.repack("fragment").qweight.shape == (2, 2, 8 * K)
+  np.testing.assert_array_equal(np.asarray(stacked.repack("fragment").repack("gptq").qweight), stacked.qweight)
   w32 = jw4a16.quantize(jnp.ones((K, N)), group_size=32)
   with pytest.raises(ValueError, match="group_size=32; keep packing='gptq'"):
     w32.repack("fragment")
@@ -84,17 +104,19 @@ def test_dispatcher_configs_for_fragment():
     cfg = tuning.select_config(m, 4096, 6144, 128, "bfloat16", False, tuning.H100, "fragment")
     assert cfg.kernel == "frag" and cfg.block_k % 64 == 0, (m, cfg)
     heur = tuning.frag_heuristic(m, 4096, 6144, 128)
-    assert heur.kernel == "frag" and heur.scale_w == 1
+    assert heur.kernel == "frag" and heur.scale_w == int(heur.block_m != 16) and not tuning.frag_hazard(heur)
   # the shipped H100 table has measured entries for the benchmark shapes
   assert tuning.table_key(16, 4096, 28672, 128, "bfloat16", False, "fragment") in tuning.shipped_table("h100")
   assert tuning.table_key(16, 4096, 28672, 128, "bfloat16", False).endswith("_sym")
   # block_k clamps to the group and to a divisor of K
   assert tuning.select_config(4, 192, 64, 64, "bfloat16", False, tuning.H100, "fragment").block_k == 64
-  cands = tuning.frag_candidates(16, 4096, 6144, 128)
+  cands = tuning.frag_candidates(4, 4096, 6144, 128)
   assert cands and all(c.kernel == "frag" and tuning.fits(c, tuning.H100) for c in cands)
   assert {c.scale_w for c in cands} == {0, 1}
   # configs that computed wrong results on H100 (tuning.frag_hazard) are never dispatched or searched
   assert tuning.frag_hazard(tuning.KernelConfig(64, 128, 128, num_warps=8, num_stages=3, kernel="frag", scale_w=1))
+  assert tuning.frag_hazard(tuning.KernelConfig(16, 128, 128, num_warps=4, num_stages=3, kernel="frag", scale_w=1))
+  assert not tuning.frag_hazard(tuning.KernelConfig(16, 128, 128, num_warps=4, num_stages=3, kernel="frag"))
   table = tuning.shipped_table("h100")
   assert not any(tuning.frag_hazard(c) for c in table.values())
   for k, n in ((4096, 6144), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 57344), (28672, 8192), (512, 200)):
@@ -118,12 +140,12 @@ def test_layers_with_fragment_packing():
   ref = jw4a16.W4A16Dense(N, group_size=G, symmetric=False).apply({"params": layer_params(w, b)}, x)
   layer = jw4a16.W4A16Dense(N, group_size=G, symmetric=False, packing="fragment")
   shapes = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
-  assert shapes["qweight"].value.shape == (N, K // 8)
-  assert shapes["qweight"].names == ("mlp", "embed")  # the logical axes follow qweight's [N, K // 8]
+  assert shapes["qweight"].value.shape == (2, 8 * K)
+  assert shapes["qweight"].names == ("mlp", "embed")  # the logical axes follow qweight's [ceil(N / 64), 8 K]
   y = layer.apply({"params": layer_params(w.repack("fragment"), b)}, x)
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
   lin = jnnx.W4A16Linear(K, N, group_size=G, symmetric=False, packing="fragment", rngs=nnx.Rngs(0)).load(w, b)
-  assert lin.qweight.get_value().shape == (N, K // 8)
+  assert lin.qweight.get_value().shape == (2, 8 * K)
   np.testing.assert_array_equal(np.asarray(lin(x), np.float32), np.asarray(ref, np.float32))
   with pytest.raises(ValueError, match="group_size=32"):
     jw4a16.W4A16Dense(N, group_size=32, packing="fragment").init(jax.random.key(0), x)
@@ -142,3 +164,13 @@ def test_model_fragment_matches_gptq_and_orbax_keeps_packing(tmp_path):
   back, _ = checkpoint.restore(tmp_path / "ckpt")
   assert back["proj"].packing == "fragment"
   np.testing.assert_array_equal(np.asarray(back["proj"].qweight), np.asarray(w.qweight))
+  # format version 1 held fragment-packed weights as [N, K // 8]: such a directory is refused, not misread
+  meta_path = tmp_path / "ckpt" / "jw4a16.json"
+  meta = json.loads(meta_path.read_text())
+  meta_path.write_text(json.dumps({**meta, "format_version": 1}))
+  with pytest.raises(checkpoint.CheckpointError, match="format_version 1 with packing='fragment' weights in the old"):
+    checkpoint.restore(tmp_path / "ckpt")
+  checkpoint.save({"proj": w.repack("gptq")}, tmp_path / "v1")  # a version-1 GPTQ directory still reads
+  meta_path = tmp_path / "v1" / "jw4a16.json"
+  meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format_version": 1}))
+  assert checkpoint.restore(tmp_path / "v1")[0]["proj"].packing == "gptq"

@@ -76,7 +76,7 @@ def load(path, *, dtype=None, progress: bool = True, packing: str = "gptq"):
   config's dtype, else bfloat16).  Tensors are read one at a time.
 
   packing: the QuantizedWeights' qweight layout: "gptq" (the kernel layout, [K, N // 8]), "fragment" (Hopper's
-  operand order, [N, K // 8]; a layer whose K or group size is not a multiple of 64 raises), or "auto"
+  operand order, [ceil(N / 64), 8 K]; a layer whose K or group size is not a multiple of 64 raises), or "auto"
   (`jw4a16.preferred_packing` per layer for this process's device, "gptq" where "fragment" cannot hold it).
   """
   if packing not in ("gptq", "fragment", "auto"):

@@ -14,7 +14,9 @@ import orbax.checkpoint as ocp
 from jw4a16.checkpoint.safetensors_dir import CheckpointError
 from jw4a16.qweight import QuantizedWeight
 
-FORMAT_VERSION = 1
+# 2: packing="fragment" weights in blocks of 64 columns, [ceil(N / 64), 8 K] (layout.to_fragment_packed).  Version 1
+# stored them as [N, K // 8]; version-1 directories without fragment-packed weights read the same.
+FORMAT_VERSION = 2
 META_FILE = "jw4a16.json"
 QW_FIELDS = ("qweight", "scales", "qzeros", "perm")
 
@@ -75,9 +77,12 @@ def read_metadata(directory) -> dict:
   if not path.exists():
     raise CheckpointError(f"{path}: missing; not a jw4a16 checkpoint")
   meta = json.loads(path.read_text())
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise CheckpointError(f"{path}: format_version {meta.get('format_version')}, this jw4a16 reads "
-                          f"{FORMAT_VERSION}")
+  version = meta.get("format_version")
+  if version == 1 and any(q.get("packing") == "fragment" for q in meta.get("quantized", {}).values()):
+    raise CheckpointError(f"{path}: format_version 1 with packing='fragment' weights in the old [N, K // 8] layout; "
+                          "convert the source checkpoint again (jw4a16 convert) or save it with packing='gptq'")
+  if version not in (1, FORMAT_VERSION):
+    raise CheckpointError(f"{path}: format_version {version}, this jw4a16 reads 1 and {FORMAT_VERSION}")
   return meta
 
 

@@ -12,7 +12,11 @@ dispatcher's picks on GPTQ's packing from M = 2 to 256, and at M = 1 from 9 % sl
 kernel (docs/performance.md, session 7).  On other targets it is correct (Triton picks their MMA layouts) but not tuned.
 
 Arguments as the other kernels (x, qweight, scales, qzeros, M, out, partials, locks) except qweight:
-  qweight [N, K // 8] int32, fragment-packed.  qzeros stay in the kernel layout [K // G, N // 8].
+  qweight [ceil(N / ROW_BLOCK), 8 K] int32 (ROW_BLOCK = jw4a16.checks.FRAGMENT_ROWS), fragment-packed: each
+  block of ROW_BLOCK weight columns holds K block b (64 values, 8 words per column) of all its columns in one
+  piece, so a tile reads 2 KB runs where a row of words per column read 32-byte pieces K / 2 bytes apart (on
+  H100 that was 10 - 35 % slower on the two widest weights at M = 1 and 16; docs/performance.md, session 8).
+  qzeros stay in the kernel layout [K // G, N // 8].
 Constexprs: N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_M, BLOCK_N, BLOCK_K (a multiple of 64 dividing K and the
 group), SPLIT_K, and
   SCALE_W: 1 applies the group's scale and zero to the weight tile in DTYPE before the dot (exact difference,
@@ -25,6 +29,8 @@ import triton
 import triton.language as tl
 
 from jw4a16.kernels.splitk import store_tile
+
+ROW_BLOCK = tl.constexpr(64)  # weight columns per block of the packing (jw4a16.checks.FRAGMENT_ROWS)
 
 
 @triton.jit
@@ -71,6 +77,38 @@ def _k_order(b0, b1, b2, b3, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _group_step(acc, words, xt, scales_ptr, qzeros_ptr, g, offs_n, mask_n, N: tl.constexpr, HAS_ZP: tl.constexpr,
+                ZP_BIAS: tl.constexpr, B: tl.constexpr, SCALE_W: tl.constexpr, PTX: tl.constexpr,
+                BLOCK_N: tl.constexpr, BK: tl.constexpr):
+  """acc [BLOCK_N, BLOCK_M] += W^T x^T over BK values of K inside group g: words [BLOCK_N, BK // 8] (a step's
+  words of each column), xt [BK, BLOCK_M]."""
+  DTYPE: tl.constexpr = xt.dtype
+  s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
+  if HAS_ZP:
+    zw = tl.load(qzeros_ptr + g * (N // 8) + offs_n // 8, mask=mask_n, other=0)
+    zq = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[:, None]
+  else:
+    zq = tl.full((BLOCK_N, 1), ZP_BIAS, dtype=tl.float32)
+  if SCALE_W:  # w = (B + q - (B + z)) * s in DTYPE (exact difference, one rounding), then a plain accumulating dot
+    # fp16: pieces 1, 3 hold B + 16 q (a shift less; bf16 has no room: its bit 7 is the exponent's), scaled by s,
+    # the others by 16 s; the accumulator is scaled back after the loop
+    HI16: tl.constexpr = DTYPE == tl.float16
+    b0, b1, b2, b3 = _pieces(words, DTYPE, PTX, HI16)
+    z_lo = (B + zq).to(DTYPE)[:, :, None]
+    z_hi = (B + 16 * zq).to(DTYPE)[:, :, None] if HI16 else z_lo
+    s_lo = (16 * s)[:, :, None]
+    s_hi = s[:, :, None] if HI16 else s_lo
+    w = _k_order((b0 - z_lo) * s_lo, (b1 - z_hi) * s_hi, (b2 - z_lo) * s_lo, (b3 - z_hi) * s_hi, BLOCK_N, BK)
+    acc = tl.dot(w, xt, acc)
+  else:  # the dot on B + q, the group's correction in fp32: acc += (dot - (B + z) * rowsum(x)) * s
+    b0, b1, b2, b3 = _pieces(words, DTYPE, PTX, 0)
+    part = tl.dot(_k_order(b0, b1, b2, b3, BLOCK_N, BK), xt)  # [BLOCK_N, BLOCK_M]
+    xsum = tl.reshape(tl.sum(xt.to(tl.float32), axis=0), (1, xt.shape[1]))
+    acc += (part - (B + zq) * xsum) * s.to(tl.float32)
+  return acc
+
+
+@triton.jit
 def w4a16_frag_kernel(
     x_ptr,
     qweight_ptr,
@@ -110,39 +148,20 @@ def w4a16_frag_kernel(
   mask_m = offs_m < M
   mask_n = offs_n < N
   x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * K  # x^T [BLOCK_K, BLOCK_M]
-  w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * KW
-  offs_w = tl.arange(0, BLOCK_K // 8)
+  # column n's 8-word chunk of K block b: words 8 RB b + 8 (n % RB) + [0, 8) of row n // RB (a last block short of
+  # RB columns is zero-padded)
+  w_cols = qweight_ptr + (offs_n // ROW_BLOCK).to(tl.int64) * (ROW_BLOCK * KW) + (offs_n % ROW_BLOCK) * 8
   offs_k = tl.arange(0, BLOCK_K)
-  if HAS_ZP:
-    zshift = (offs_n % 8) * 4
+  offs_w = tl.arange(0, BLOCK_K // 8)
+  step_words = (offs_w // 8) * (ROW_BLOCK * 8) + offs_w % 8  # a step's words of one column: 8 per K block
   acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
   k_begin = pid_k * K_SPLIT
   for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):  # a split may start past K: no steps
-    words = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=mask_n[:, None], other=0)
+    words = tl.load(w_cols[:, None] + (step_words + (k0 // 64) * (ROW_BLOCK * 8))[None, :], mask=mask_n[:, None],
+                    other=0)
     xt = tl.load(x_cols + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
-    g = k0 // GROUP_SIZE
-    s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
-    if HAS_ZP:
-      zw = tl.load(qzeros_ptr + g * (N // 8) + offs_n // 8, mask=mask_n, other=0)
-      zq = ((zw >> zshift) & 0xF).to(tl.float32)[:, None]
-    else:
-      zq = tl.full((BLOCK_N, 1), ZP_BIAS, dtype=tl.float32)
-    if SCALE_W:  # w = (B + q - (B + z)) * s in DTYPE (exact difference, one rounding), then a plain accumulating dot
-      # fp16: pieces 1, 3 hold B + 16 q (a shift less; bf16 has no room: its bit 7 is the exponent's), scaled by s,
-      # the others by 16 s; the accumulator is scaled back after the loop
-      HI16: tl.constexpr = DTYPE == tl.float16
-      b0, b1, b2, b3 = _pieces(words, DTYPE, PTX, HI16)
-      z_lo = (B + zq).to(DTYPE)[:, :, None]
-      z_hi = (B + 16 * zq).to(DTYPE)[:, :, None] if HI16 else z_lo
-      s_lo = (16 * s)[:, :, None]
-      s_hi = s[:, :, None] if HI16 else s_lo
-      w = _k_order((b0 - z_lo) * s_lo, (b1 - z_hi) * s_hi, (b2 - z_lo) * s_lo, (b3 - z_hi) * s_hi, BLOCK_N, BLOCK_K)
-      acc = tl.dot(w, xt, acc)
-    else:  # the dot on B + q, the group's correction in fp32: acc += (dot - (B + z) * rowsum(x)) * s
-      b0, b1, b2, b3 = _pieces(words, DTYPE, PTX, 0)
-      part = tl.dot(_k_order(b0, b1, b2, b3, BLOCK_N, BLOCK_K), xt)  # [BLOCK_N, BLOCK_M]
-      xsum = tl.reshape(tl.sum(xt.to(tl.float32), axis=0), (1, BLOCK_M))
-      acc += (part - (B + zq) * xsum) * s.to(tl.float32)
+    acc = _group_step(acc, words, xt, scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, mask_n, N, HAS_ZP, ZP_BIAS,
+                      B, SCALE_W, PTX, BLOCK_N, BLOCK_K)
 
   if SCALE_W:
     acc = acc * 0.0625
