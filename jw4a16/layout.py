@@ -4,8 +4,9 @@ Kernel layout ("GPTQ sequential", packed along N):
   qweight [K, N // 8] int32: word (k, j) holds columns 8j .. 8j+7 of row k, column 8j+i in bits 4i .. 4i+3.
   qzeros  [K // G, N // 8] int32, packed the same way.
 
-A second layout the kernels read ("fragment", `to_fragment_packed`): qweight [N, K // 8] packed along K in the
-order Hopper's wgmma register operand holds a tile of W^T; converted from the kernel layout at load time.
+A second layout the kernels read ("fragment", `to_fragment_packed`): qweight [ceil(N / 64), 8 K] packed along K in
+the order Hopper's wgmma register operand holds a tile of W^T, in blocks of 64 columns; converted from the kernel
+layout at load time.
 
 Other layouts met in checkpoints and converted here:
   packed along K (compressed-tensors weight_packed [N, K//8], AutoGPTQ qweight [K//8, N]): the same nibble order,
