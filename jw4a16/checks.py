@@ -16,12 +16,18 @@ ACTIVATION_DTYPES = ("float16", "bfloat16")
 PACKINGS = ("gptq", "fragment")
 FRAGMENT_BLOCK = 64  # K values per packed block
 FRAGMENT_ROWS = 64  # weight columns (N) per row of fragment-packed words
+INT32_MAX = 2**31 - 1
 
 
 def fragment_shape(k: int, n: int) -> tuple[int, int]:
   """The fragment-packed qweight's shape for a [K, N] weight: [ceil(N / 64), 8 K] int32."""
   return -(-n // FRAGMENT_ROWS), 8 * k
-INT32_MAX = 2**31 - 1
+
+
+def qweight_axes(axes, packing: str) -> tuple:
+  """qweight's per-axis labels (logical axes, PartitionSpec entries) given the [K, N] weight's: reversed for the
+  fragment packing, whose first axis runs along N and second along K."""
+  return tuple(reversed(tuple(axes))) if packing == "fragment" else tuple(axes)
 
 
 def resolve_group_size(group_size, k: int) -> int:

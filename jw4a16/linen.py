@@ -31,9 +31,8 @@ def check_layer(in_features: int, features: int, group_size: int, packing: str =
 
 def qweight_shape(k: int, n: int, packing: str, kernel_axes) -> tuple[tuple[int, int], tuple]:
   """qweight's shape and logical axes in `packing`."""
-  if packing == "fragment":
-    return checks.fragment_shape(k, n), tuple(reversed(kernel_axes))
-  return (k, n // 8), tuple(kernel_axes)
+  shape = checks.fragment_shape(k, n) if packing == "fragment" else (k, n // 8)
+  return shape, checks.qweight_axes(kernel_axes, packing)
 
 
 class W4A16Dense(nn.Module):

@@ -73,8 +73,7 @@ def parallel_matmul(x, w: QuantizedWeight, mode: str, axis: str, *, mesh=None, b
   if w.perm is not None:  # rows of qweight are sorted by group: permute x's columns once, globally
     x = jnp.take(x, w.perm, axis=-1)
   wspec = P(None, axis) if mode == "column" else P(axis, None)
-  # fragment: qweight [ceil(N / 64), 8 K] splits along N by its first axis and along K by its second
-  qspec = P(*reversed(tuple(wspec))) if w.packing == "fragment" else wspec
+  qspec = P(*checks.qweight_axes(wspec, w.packing))
   xspec = P(*lead, None) if mode == "column" else P(*lead, axis)
   ospec = P(*lead, axis) if mode == "column" else P(*lead, None)
   qzeros = w.qzeros if has_zp else jnp.zeros((1, 1), jnp.int32)
@@ -101,6 +100,6 @@ def param_shardings(w: QuantizedWeight, mode: str, axis: str, mesh) -> Quantized
   check_split(mode, *w.shape, w.group_size, mesh.shape[axis], axis, w.packing)
   spec = P(None, axis) if mode == "column" else P(axis, None)
   named = NamedSharding(mesh, spec)
-  qnamed = NamedSharding(mesh, P(*reversed(tuple(spec)))) if w.packing == "fragment" else named
+  qnamed = NamedSharding(mesh, P(*checks.qweight_axes(spec, w.packing)))
   return QuantizedWeight(qnamed, named, None if w.qzeros is None else named,
                          None if w.perm is None else NamedSharding(mesh, P()), w.group_size, w.zp_bias, w.packing)

@@ -256,10 +256,9 @@ def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
   """Defaults of the fragment-packed kernel, read off the session-7 H100 sweep
   (benchmarks/results/sweep-frag-h100-2026-11-26-s7.json; within 7 % of each shape's best on average over its 66
   (shape, M) points, 50 % at worst): 8- to 32-row tiles of x against 64 weight columns, scaled weights (not with
-  16-row tiles: frag_hazard), split
-  along K until about 4 programs per SM, up to M = 32; 64 x 128 tiles at M = 64; 128 x 128 to M = 256 and
-  128 x 256 beyond.  Other targets (not measured; the packing is tailored to Hopper's wgmma) get the same shapes
-  but 64 columns at M = 64."""
+  16-row tiles: frag_hazard), split along K until about 4 programs per SM, up to M = 32; 64 x 128 tiles at
+  M = 64; 128 x 128 to M = 256 and 128 x 256 beyond.  Other targets (not measured; the packing is tailored to
+  Hopper's wgmma) get the same shapes but 64 columns at M = 64."""
   del group_size  # select_config legalizes block_k against it
   if m <= 32:
     bm, bn, bk, warps, stages, programs = (8 if m <= 8 else 16 if m <= 16 else 32), 64, 128, 4, 3, 512
@@ -327,17 +326,13 @@ def record_tuned(target_name: str, entries: dict[str, KernelConfig]) -> pathlib.
 DENSE_FROM_M = {"h100": 512, "h200": 512}
 
 
-# The same for packing="fragment", whose kernel is faster at large M (env JW4A16_DENSE_FROM_M overrides both, for
-# measuring the two routes against each other).
-DENSE_FROM_M_FRAGMENT = {"h100": 512, "h200": 512}
-
-
-def use_dequant_gemm(m: int, target: Target, packing: str = "gptq") -> bool:
-  """Whether M is large enough that dequantize-then-GEMM beats the fused kernel on this target."""
+def use_dequant_gemm(m: int, target: Target) -> bool:
+  """Whether M is large enough that dequantize-then-GEMM beats the fused kernel on this target, for both packings
+  (on the fragment packing session 7 found the routes within 6 % of each other at M = 512 - 2048);
+  $JW4A16_DENSE_FROM_M overrides it, for measuring the two routes against each other."""
   if os.environ.get("JW4A16_DENSE_FROM_M"):
     return m >= int(os.environ["JW4A16_DENSE_FROM_M"])
-  table = DENSE_FROM_M_FRAGMENT if packing == "fragment" else DENSE_FROM_M
-  return m >= table.get(target.name, 1 << 62)
+  return m >= DENSE_FROM_M.get(target.name, 1 << 62)
 
 
 def legalize(cfg: KernelConfig, k: int, group_size: int) -> KernelConfig:

@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from jw4a16 import checks
 from jw4a16.checkpoint.formats import LINEAR_READERS, MARKER, Scheme
 from jw4a16.checkpoint.safetensors_dir import CheckpointError, SafetensorsDir, read_config, set_path
 from jw4a16.ops import resolve_packing
@@ -79,7 +80,7 @@ def load(path, *, dtype=None, progress: bool = True, packing: str = "gptq"):
   operand order, [ceil(N / 64), 8 K]; a layer whose K or group size is not a multiple of 64 raises), or "auto"
   (`jw4a16.preferred_packing` per layer for this process's device, "gptq" where "fragment" cannot hold it).
   """
-  if packing not in ("gptq", "fragment", "auto"):
+  if packing not in checks.PACKINGS + ("auto",):
     raise ValueError(f"packing={packing!r} must be 'gptq', 'fragment' or 'auto'")
   path = pathlib.Path(path)
   config = read_config(path)

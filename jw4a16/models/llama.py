@@ -344,9 +344,9 @@ def repack_projections(params: dict, quant: QuantSpec, packing: str = "auto") ->
       node[key] = dict(node[key])
       node = node[key]
     p = dict(node[keys[-1]])
-    k = p["qweight"].shape[-2] if old == "gptq" else p["qweight"].shape[-1] * 8
-    want = resolve_packing(packing, k, g)
-    w = QuantizedWeight(p["qweight"], p["scales"], None, None, g, 8, old).repack(want)
+    w = QuantizedWeight(p["qweight"], p["scales"], None, None, g, 8, old)
+    want = resolve_packing(packing, w.shape[0], g)
+    w = w.repack(want)
     p["qweight"] = w.qweight
     node[keys[-1]] = p
     specs[path] = (g, sym, act, want)
