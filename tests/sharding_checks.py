@@ -79,6 +79,11 @@ def check_errors():
     raise SystemExit("no error for fragment N")
   except ValueError as e:
     assert "whole blocks of 64 columns (N per shard 32)" in str(e), e
+  try:  # the same split asked of a checkpoint restore
+    sharding.param_shardings(w.repack("fragment"), "column", "tp", MESH)
+    raise SystemExit("no error for fragment N in param_shardings")
+  except ValueError as e:
+    assert "whole blocks of 64 columns (N per shard 32)" in str(e), e
   print("ok errors")
 
 
