@@ -82,9 +82,9 @@ class KernelConfig:
       raise ValueError(f"KernelConfig.split_k={self.split_k} must be >= 1")
     if self.scale_w not in (0, 1) or (self.scale_w and self.kernel != "frag"):
       raise ValueError(f"KernelConfig.scale_w={self.scale_w} must be 0 or 1, and 1 only for kernel 'frag'")
-    if self.kernel == "frag" and (self.block_k % 64 or self.block_m < 8 or self.block_n < 64):
-      raise ValueError(f"KernelConfig for kernel 'frag': block_k={self.block_k} must be a multiple of 64 (the "
-                       f"packing's blocks), block_m={self.block_m} >= 8, block_n={self.block_n} >= 64")
+    if self.kernel == "frag" and (self.block_k % 64 or self.block_m < 8 or self.block_n % 64 or not self.block_n):
+      raise ValueError(f"KernelConfig for kernel 'frag': block_k={self.block_k} and block_n={self.block_n} must be "
+                       f"multiples of 64 (the packing's blocks), block_m={self.block_m} >= 8")
 
   def meta(self) -> dict:
     """The kernel's constexpr tile parameters."""

@@ -123,8 +123,10 @@ def test_dispatcher_configs_for_fragment():
     for m in (1, 16, 33, 64, 128, 256, 300):
       assert not tuning.frag_hazard(tuning.select_config(m, k, n, 128, "float16", False, tuning.H100, "fragment"))
       assert not any(tuning.frag_hazard(c) for c in tuning.frag_candidates(m, k, n, 128))
-  with pytest.raises(ValueError, match="multiple of 64"):
+  with pytest.raises(ValueError, match="multiples of 64"):
     tuning.KernelConfig(16, 64, 32, kernel="frag")
+  with pytest.raises(ValueError, match="block_k=64 and block_n=32 must be multiples of 64"):
+    tuning.KernelConfig(16, 32, 64, kernel="frag")
   with pytest.raises(ValueError, match="scale_w=1 must be 0 or 1, and 1 only for kernel 'frag'"):
     tuning.KernelConfig(16, 64, 64, scale_w=1)
 

@@ -149,16 +149,20 @@ def w4a16_frag_kernel(
   mask_n = offs_n < N
   x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * K  # x^T [BLOCK_K, BLOCK_M]
   # column n's 8-word chunk of K block b: words 8 RB b + 8 (n % RB) + [0, 8) of row n // RB (a last block short of
-  # RB columns is zero-padded)
-  w_cols = qweight_ptr + (offs_n // ROW_BLOCK).to(tl.int64) * (ROW_BLOCK * KW) + (offs_n % ROW_BLOCK) * 8
-  offs_k = tl.arange(0, BLOCK_K)
+  # RB columns is zero-padded).  One 64-bit base per tile and int32 offsets inside it (the tile spans BLOCK_N / RB
+  # rows of 8 K words): a tensor of 64-bit pointers per column held ~40 more registers on some tiles (sm_90).
+  TILE_BLOCKS: tl.constexpr = tl.constexpr(BLOCK_N) // ROW_BLOCK  # (constexpr first: the interpreter's BLOCK_N is an int)
+  tl.static_assert(TILE_BLOCKS * ROW_BLOCK == BLOCK_N, "BLOCK_N must be a multiple of the packing's blocks")
+  w_tile = qweight_ptr + (pid_n * TILE_BLOCKS).to(tl.int64) * (ROW_BLOCK * KW)
+  cols = tl.arange(0, BLOCK_N)
   offs_w = tl.arange(0, BLOCK_K // 8)
-  step_words = (offs_w // 8) * (ROW_BLOCK * 8) + offs_w % 8  # a step's words of one column: 8 per K block
+  w_offs = ((cols // ROW_BLOCK) * (ROW_BLOCK * KW) + (cols % ROW_BLOCK) * 8)[:, None] \
+      + ((offs_w // 8) * (ROW_BLOCK * 8) + offs_w % 8)[None, :]  # a step's words of each column: 8 per K block
+  offs_k = tl.arange(0, BLOCK_K)
   acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
   k_begin = pid_k * K_SPLIT
   for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):  # a split may start past K: no steps
-    words = tl.load(w_cols[:, None] + (step_words + (k0 // 64) * (ROW_BLOCK * 8))[None, :], mask=mask_n[:, None],
-                    other=0)
+    words = tl.load(w_tile + (w_offs + (k0 // 64) * (ROW_BLOCK * 8)), mask=mask_n[:, None], other=0)
     xt = tl.load(x_cols + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
     acc = _group_step(acc, words, xt, scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, mask_n, N, HAS_ZP, ZP_BIAS,
                       B, SCALE_W, PTX, BLOCK_N, BLOCK_K)
