@@ -239,24 +239,11 @@ def heuristic_config(m: int, k: int, n: int, group_size: int, target: Target = H
   return KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
 
 
-def frag_hazard(cfg: KernelConfig) -> bool:
-  """Frag-kernel configs that gave wrong results on H100 (Triton 3.6), in some launches and not in others; never
-  dispatched, tuned or tabled (docs/performance.md):
-  - session 7: 8 warps with 128-deep K steps and a 3- or 4-stage pipeline, scaling the weights (float16 symmetric
-    weights, errors of 0.4 - 13 %; 4 warps, 2 stages, 64-deep steps or SCALE_W = 0 were right);
-  - session 8: 16-row tiles of x, 128-deep K steps, 3 stages, scaling the weights (bfloat16, M = 1, 8192 x 57344:
-    errors of 4.5 - 58 % in 20 of 20 launches; the same with 8-row tiles, SCALE_W = 0, M = 2 or 4096 x 28672
-    was right in 20 of 20)."""
-  if cfg.kernel != "frag" or not cfg.scale_w or cfg.block_k < 128 or cfg.num_stages < 3:
-    return False
-  return cfg.num_warps >= 8 or cfg.block_m == 16
-
-
 def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H100) -> KernelConfig:
   """Defaults of the fragment-packed kernel, read off the session-7 H100 sweep
   (benchmarks/results/sweep-frag-h100-2026-11-26-s7.json; within 7 % of each shape's best on average over its 66
-  (shape, M) points, 50 % at worst): 8- to 32-row tiles of x against 64 weight columns, scaled weights (not with
-  16-row tiles: frag_hazard), split along K until about 4 programs per SM, up to M = 32; 64 x 128 tiles at
+  (shape, M) points, 50 % at worst): 8- to 32-row tiles of x against 64 weight columns, scaled weights
+  (SCALE_W = 1), split along K until about 4 programs per SM, up to M = 32; 64 x 128 tiles at
   M = 64; 128 x 128 to M = 256 and 128 x 256 beyond.  Other targets (not measured; the packing is tailored to
   Hopper's wgmma) get the same shapes but 64 columns at M = 64."""
   del group_size  # select_config legalizes block_k against it
@@ -270,9 +257,7 @@ def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
     bm, bn, bk, warps, stages, programs = 128, 256, 64, 8, 4, 1
   tiles = math.ceil(m / bm) * math.ceil(n / bn)
   split = _split_k(target, tiles, k, 2 * bk, programs / target.num_sms, max_split=32)
-  scale_w = int(bm != 16)  # 16-row tiles scaling the weights: frag_hazard
-  return KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag",
-                      scale_w=scale_w)
+  return KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag", scale_w=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -354,6 +339,12 @@ def fits(cfg: KernelConfig, target: Target, act_bytes: int = 2) -> bool:
   return cfg.shared_memory_bytes(act_bytes) <= target.shared_memory
 
 
+def frag_acc_fits(cfg: KernelConfig, target: Target = H100) -> bool:
+  """At most 64 fp32 accumulator registers a thread: a 128 x 128 frag tile on 4 warps (128) spilled 8 - 44 bytes
+  on sm_90 (Triton 3.6 and 3.9), so it is neither searched nor tabled."""
+  return cfg.block_m * cfg.block_n <= 64 * target.warp_size * cfg.num_warps
+
+
 DISABLE_ENV = "JW4A16_DISABLE_KERNELS"
 
 
@@ -370,7 +361,7 @@ def select_config(m: int, k: int, n: int, group_size: int, dtype: str, has_zp: b
   key = table_key(m, k, n, group_size, dtype, has_zp, packing)
   if packing == "fragment":  # one kernel reads this packing
     for table in (user_table(target.name), shipped_table(target.name)):
-      if key in table and table[key].kernel == "frag" and not frag_hazard(table[key]):
+      if key in table and table[key].kernel == "frag":
         return legalize(table[key], k, group_size)
     return legalize(frag_heuristic(m, k, n, group_size, target), k, group_size)
   off = disabled_kernels()
@@ -426,7 +417,7 @@ def frag_candidates(m: int, k: int, n: int, group_size: int, target: Target = H1
       out.append(KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag",
                               scale_w=scale_w))
   out = dict.fromkeys(legalize(c, k, group_size) for c in out)
-  return [c for c in out if fits(c, target) and k // c.split_k >= c.block_k and not frag_hazard(c)]
+  return [c for c in out if fits(c, target) and k // c.split_k >= c.block_k and frag_acc_fits(c, target)]
 
 
 def candidate_configs(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:

@@ -1,13 +1,17 @@
-"""Reproduces the frag-kernel failures that `jw4a16.tuning.frag_hazard` fences off (H100, Triton 3.6, sessions 7, 8).
+"""The frag-kernel configs that gave wrong results on H100 (Triton 3.6) before session 9, launched again.
 
-Launches kernels/w4a16_frag.py from torch on fp16 / bf16, symmetric / asymmetric weights, with the failing config
-(BLOCK_M 64, BLOCK_N 128, BLOCK_K 128, 8 warps, 3 stages, SCALE_W 1) and its neighbours, and prints each one's
-relative error against a dequantize-then-matmul reference.  On the device in session 7: fp16 symmetric failed
-(errors 0.2 - 13 %, not in every launch) for 8 warps with BLOCK_K 128 and 3 - 4 stages, with and without the
-inline PTX; 4 warps, 2 stages, BLOCK_K 64 and SCALE_W 0 were right; bf16 and asymmetric fp16 were right.
-Session 8 (second part): BLOCK_M 16, BLOCK_N 128, BLOCK_K 128, 4 warps, 3 stages, SCALE_W 1 at M = 1 on
-8192 x 57344 bf16, 20 launches: errors 4.5 - 58 %; BLOCK_M 8, SCALE_W 0, M = 2 and 4096 x 28672 were right in 20 of
-20 (a dev copy of this part ran on the device; the script itself has not).
+The cause (session 9, docs/performance.md): with SCALE_W = 1 the accumulator only feeds the next K step's dot,
+and Triton 3.6 left that step's wgmmas in flight across the loop's back edge (wgmma.wait_group 7 or 3 inside the
+body, none before the branch), while the next step's dequantization rewrote the registers those wgmmas read their
+weight operand from.  kernels/w4a16_frag.py now uses the accumulator inside the step, so Triton waits for them;
+`jw4a16.kernels.compile.wgmma_in_flight_at_loop_end` finds the pattern in PTX and tests/test_compile.py checks it.
+
+Launches kernels/w4a16_frag.py from torch on fp16 / bf16, symmetric / asymmetric weights with the session-7 config
+(BLOCK_M 64, BLOCK_N 128, BLOCK_K 128, 8 warps, 3 stages, SCALE_W 1) and its neighbours, then session 8's (BLOCK_M
+16, BLOCK_N 128, BLOCK_K 128, 4 warps, 3 stages, SCALE_W 1, M = 1 on 8192 x 57344 bf16, 20 launches), and prints
+each one's relative error against a dequantize-then-matmul reference.  Session 9, same card and lease: before the
+change, errors up to 7.5e-2 on session 8's case and 4.4e-1 once on the session-7 neighbour with 8 warps and 4
+stages (bf16, M = 131); after it, every error at the bf16 / fp16 rounding level (1.7e-3 / 2.1e-4).
 Needs a CUDA GPU and torch; not part of the package or the tests.
 
   python scripts/frag_hazard_repro.py

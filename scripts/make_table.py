@@ -18,7 +18,7 @@ import argparse
 import json
 import pathlib
 
-from jw4a16.tuning import CONFIG_DIR, GEMV_MAX_M, KernelConfig, frag_hazard, legalize, table_key
+from jw4a16.tuning import CONFIG_DIR, GEMV_MAX_M, KernelConfig, frag_acc_fits, legalize, table_key
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -70,13 +70,16 @@ def main():
 
 def frag_entries(gpu: str, sweeps: list[str], group: int):
   """The fastest frag config per measured (K, N, M bucket), for all four dtype / symmetry keys (the sweeps
-  measure bf16 symmetric), merged into configs/<gpu>.json in place of its old _frag entries; configs that
-  tuning.frag_hazard names are left out."""
+  measure bf16 symmetric), merged into configs/<gpu>.json in place of its old _frag entries.  As for the other
+  entries, a later sweep's (K, N, M) rows replace earlier sweeps' (a re-measured point after a kernel change).
+  Tiles whose accumulator spills (tuning.frag_acc_fits) are left out."""
   best = {}
   for path in sweeps:
-    for r in json.loads(pathlib.Path(path).read_text()):
-      if r["config"].get("kernel") != "frag" or r["m"] not in BUCKETS or frag_hazard(KernelConfig(**r["config"])):
-        continue
+    rows = [r for r in json.loads(pathlib.Path(path).read_text())
+            if r["config"].get("kernel") == "frag" and r["m"] in BUCKETS and frag_acc_fits(KernelConfig(**r["config"]))]
+    for key in {(r["k"], r["n"], r["m"]) for r in rows}:
+      best.pop(key, None)
+    for r in rows:
       key = (r["k"], r["n"], r["m"])
       if key not in best or r["us"] < best[key]["us"]:
         best[key] = r

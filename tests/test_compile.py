@@ -85,6 +85,7 @@ def test_compiles_within_limits(target, i):
   assert rep["shared"] <= SHARED_LIMIT[target], rep
   assert rep["spills"] == 0, rep
   assert ("hsaco" if target.startswith("gfx") else "cubin") in rep["asm_keys"]
+  assert not rep["wgmma_in_flight"], rep  # no wgmma may outlive its loop iteration (kernels/w4a16_frag.py)
   if cfg.block_m >= 16:  # tl.dot must land on the matrix units; wgmma where its M (64 rows) is filled
     wgmma = target == "sm90" and (cfg.block_n if cfg.swap_ab or cfg.kernel == "frag" else cfg.block_m) >= 64
     expected = "v_mfma" if target.startswith("gfx") else ("wgmma" if wgmma else "mma")

@@ -227,13 +227,35 @@ def test_frag_configs(cfg, dtype, symmetric, kng):
 @pytest.mark.parametrize("dtype,symmetric", [("bfloat16", True), ("float16", True), ("float16", False)])
 def test_fragment_real_shapes_every_bucket(m, kn, dtype, symmetric):
   """The shipped table's frag entries (and the dequantize-then-GEMM route from the fragment packing at M = 1024);
-  float16 symmetric is where tuning.frag_hazard's configs failed."""
+  float16 symmetric is where session 7's racing configs failed (test_frag_scaled_weights_do_not_race)."""
   k, n = kn
   qw, s, qz, _, w = make_weights(k, n, 128, dtype=dtype, symmetric=symmetric)
   fq = jw4a16.layout.to_fragment_packed(qw)
   x = make_x((m, k), dtype)
   out = jax.jit(lambda x: jw4a16.w4a16_matmul(x, fq, s, qz, group_size=128, packing="fragment"))(x)
   assert_close(out, np.asarray(x, np.float64) @ w, dtype)
+
+
+@pytest.mark.parametrize("case", [
+    # (K, N, M, dtype, config): where wgmmas left in flight across the K loop gave wrong results before session 9
+    (8192, 57344, 1, "bfloat16", tuning.KernelConfig(16, 128, 128, num_warps=4, num_stages=3, kernel="frag",
+                                                     scale_w=1)),  # 4.5 - 58 % error in 20 of 20 launches
+    (4096, 6144, 131, "bfloat16", tuning.KernelConfig(64, 128, 128, num_warps=8, num_stages=4, kernel="frag",
+                                                      scale_w=1)),  # 44 % once
+    (4096, 6144, 64, "float16", tuning.KernelConfig(64, 128, 128, num_warps=8, num_stages=3, kernel="frag",
+                                                    scale_w=1))], ids=lambda c: f"{c[0]}x{c[1]}-m{c[2]}-{c[3]}")
+def test_frag_scaled_weights_do_not_race(case):
+  """SCALE_W = 1 chains the accumulator through the K loop's dots; the kernel makes each step wait for its wgmmas
+  (kernels/w4a16_frag.py).  Twenty launches of each config that raced without it."""
+  k, n, m, dtype, cfg = case
+  qw, s, _, _, w = make_weights(k, n, 128, dtype=dtype)
+  fq = jnp.asarray(jw4a16.layout.to_fragment_packed(qw))
+  f = jax.jit(lambda x, q: jw4a16.w4a16_matmul(x, q, s, group_size=128, packing="fragment", config=cfg,
+                                               backend="triton"))
+  x = make_x((m, k), dtype)
+  want = np.asarray(x, np.float64) @ w
+  for _ in range(20):
+    assert_close(f(x, fq), want, dtype)
 
 
 def test_frag_split_k_is_deterministic():

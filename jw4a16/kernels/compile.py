@@ -35,6 +35,7 @@ class CompileReport:
   spills: int | None  # registers spilled (None where the tool chain does not say)
   matrix_unit: str | None  # the matrix instruction found in the assembly, if any
   asm_keys: tuple[str, ...]
+  wgmma_in_flight: bool = False  # a loop's back edge with wgmmas unfinished (wgmma_in_flight_at_loop_end)
 
 
 def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
@@ -80,17 +81,37 @@ def _ptxas_spills(ptx: str, arch: int) -> int | None:
   return sum(int(v) for v in found) if found else 0
 
 
+def wgmma_in_flight_at_loop_end(ptx: str) -> bool:
+  """Whether some loop of the PTX takes its back edge with wgmma groups still in flight: after the loop body's
+  last wgmma.commit_group no `wgmma.wait_group 0` before the branch back.  Where a wgmma reads its A operand from
+  registers, the next iteration then rewrites registers an unfinished wgmma reads (undefined in PTX; Triton 3.6
+  emits it for a loop-carried accumulator, jw4a16.kernels.w4a16_frag)."""
+  lines = ptx.splitlines()
+  labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"^\$L__BB\d+_\d+:", line)}
+  for j, line in enumerate(lines):
+    back = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+    if not back or labels.get(back.group(1), j) >= j:  # not a branch back
+      continue
+    body = lines[labels[back.group(1)]:j]
+    commits = [i for i, text in enumerate(body) if "wgmma.commit_group" in text]
+    if commits and not any(re.search(r"wgmma\.wait_group\.sync\.aligned\s+0;", text) for text in body[commits[-1]:]):
+      return True
+  return False
+
+
 def report(target: str, compiled) -> CompileReport:
   asm = compiled.asm
   if "amdgcn" in asm:
     gcn = asm["amdgcn"]
     spills = sum(int(v) for v in re.findall(r"\.(?:v|s)gpr_spill_count:\s*(\d+)", gcn))
     unit = "v_mfma" if "v_mfma" in gcn else None
+    in_flight = False
   else:
     ptx = asm["ptx"]
     spills = _ptxas_spills(ptx, TARGETS[target].arch)
     unit = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else None)
-  return CompileReport(target, compiled.metadata.shared, spills, unit, tuple(asm))
+    in_flight = wgmma_in_flight_at_loop_end(ptx)
+  return CompileReport(target, compiled.metadata.shared, spills, unit, tuple(asm), in_flight)
 
 
 def main(argv=None):

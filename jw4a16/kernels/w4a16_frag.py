@@ -100,6 +100,10 @@ def _group_step(acc, words, xt, scales_ptr, qzeros_ptr, g, offs_n, mask_n, N: tl
     s_hi = s[:, :, None] if HI16 else s_lo
     w = _k_order((b0 - z_lo) * s_lo, (b1 - z_hi) * s_hi, (b2 - z_lo) * s_lo, (b3 - z_hi) * s_hi, BLOCK_N, BK)
     acc = tl.dot(w, xt, acc)
+    # Without a use of acc inside the step, Triton 3.6 leaves this dot's wgmmas in flight across the loop's back
+    # edge while the next step's dequantization rewrites their register operand w (undefined in PTX; wrong
+    # results on H100, docs/performance.md, session 9).  A use makes it wait for them here.
+    acc = tl.where(g >= 0, acc, 0.0)
   else:  # the dot on B + q, the group's correction in fp32: acc += (dot - (B + z) * rowsum(x)) * s
     b0, b1, b2, b3 = _pieces(words, DTYPE, PTX, 0)
     part = tl.dot(_k_order(b0, b1, b2, b3, BLOCK_N, BK), xt)  # [BLOCK_N, BLOCK_M]
@@ -151,7 +155,7 @@ def w4a16_frag_kernel(
   # column n's 8-word chunk of K block b: words 8 RB b + 8 (n % RB) + [0, 8) of row n // RB (a last block short of
   # RB columns is zero-padded).  One 64-bit base per tile and int32 offsets inside it (the tile spans BLOCK_N / RB
   # rows of 8 K words): a tensor of 64-bit pointers per column held ~40 more registers on some tiles (sm_90).
-  TILE_BLOCKS: tl.constexpr = tl.constexpr(BLOCK_N) // ROW_BLOCK  # (constexpr first: the interpreter's BLOCK_N is an int)
+  TILE_BLOCKS: tl.constexpr = tl.constexpr(BLOCK_N) // ROW_BLOCK  # constexpr first: the interpreter's BLOCK_N is an int
   tl.static_assert(TILE_BLOCKS * ROW_BLOCK == BLOCK_N, "BLOCK_N must be a multiple of the packing's blocks")
   w_tile = qweight_ptr + (pid_n * TILE_BLOCKS).to(tl.int64) * (ROW_BLOCK * KW)
   cols = tl.arange(0, BLOCK_N)
