@@ -8,6 +8,7 @@ counters included, and checks every config against a dequantize-then-matmul refe
 
   python scripts/sweep.py --shapes 4096x6144,4096x28672 --ms 1,16,64 --out sweep.json
   python scripts/sweep.py --packing fragment --ms 1,16 --out sweep-frag.json   # the frag kernel
+  python scripts/sweep.py --packing fragment --seed-from old.json --top 3 ...  # re-time old bests, plus others
 """
 
 import argparse
@@ -67,8 +68,16 @@ def main():
   p.add_argument("--kinds", default="all", choices=("all", "gemv"), help="gemv: only gemv kernel candidates")
   p.add_argument("--packing", default="gptq", choices=("gptq", "fragment"),
                  help="fragment: the frag kernel's candidates on fragment-packed weights (layout.to_fragment_packed)")
+  p.add_argument("--seed-from", nargs="*", default=[],
+                 help="earlier sweeps: their --top fastest configs at each (K, N, M) are timed too (after a kernel "
+                 "change)")
+  p.add_argument("--top", type=int, default=3)
   p.add_argument("--out", default=None)
   a = p.parse_args()
+  seeds = {}
+  for path in a.seed_from:
+    for r in json.load(open(path)):
+      seeds.setdefault((r["k"], r["n"], r["m"]), []).append((r["us"], KernelConfig(**r["config"])))
   dtype = getattr(torch, a.dtype)
   bw = 3.0e12
   results = []
@@ -93,9 +102,10 @@ def main():
       else:
         cands = (gemv_candidates if a.kinds == "gemv" else candidate_configs)(m, k, n, a.group)
       h = select_config(m, k, n, a.group, a.dtype, a.asym, packing=a.packing)  # today's pick: the baseline
-      # keep the current pick, then an even spread over the rest
-      cands = [h] + random.Random(m * 7919 + k).sample([c for c in cands if c != h], min(a.max_configs,
-                                                                                           len(cands) - 1))
+      # the current pick, the seeds' fastest, then an even spread over the rest
+      first = list(dict.fromkeys([h] + [c for _, c in sorted(seeds.get((k, n, m), []), key=lambda t: t[0])[:a.top]]))
+      rest = [c for c in cands if c not in first]
+      cands = first + random.Random(m * 7919 + k).sample(rest, min(a.max_configs, len(rest)))
       rows = []
       for cfg in cands:
         t0 = time.time()
