@@ -340,9 +340,11 @@ def fits(cfg: KernelConfig, target: Target, act_bytes: int = 2) -> bool:
 
 
 def frag_acc_fits(cfg: KernelConfig, target: Target = H100) -> bool:
-  """At most 64 fp32 accumulator registers a thread: a 128 x 128 frag tile on 4 warps (128) spilled 8 - 44 bytes
-  on sm_90 (Triton 3.6 and 3.9), so it is neither searched nor tabled."""
-  return cfg.block_m * cfg.block_n <= 64 * target.warp_size * cfg.num_warps
+  """At most 128 fp32 accumulator registers a thread for the frag kernel's tile.  On sm_90 (Triton 3.6) every
+  tile with 256 spilled hundreds of bytes (128 x 256 on 4 warps: 768; 256 x 256 on 8: 1556); with 128 it depends
+  on the pipeline (128 x 128 on 4 warps: none with 64-deep steps and 3 stages, 8 bytes with 4 stages, 44 with
+  128-deep steps), which scripts/make_table.py checks by compiling what it tables."""
+  return cfg.block_m * cfg.block_n <= 128 * target.warp_size * cfg.num_warps
 
 
 DISABLE_ENV = "JW4A16_DISABLE_KERNELS"

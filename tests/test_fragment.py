@@ -115,6 +115,10 @@ def test_dispatcher_configs_for_fragment():
   assert {c.scale_w for c in cands} == {0, 1}
   # 16-row tiles scaling the weights (fenced off before session 9: they raced) are searched again
   assert any(c.block_m == 16 and c.scale_w for c in tuning.frag_candidates(16, 8192, 57344, 128))
+  # accumulators of 256 registers a thread spilled hundreds of bytes: not searched
+  assert not tuning.frag_acc_fits(tuning.KernelConfig(128, 256, 64, num_warps=4, kernel="frag"))
+  assert tuning.frag_acc_fits(tuning.KernelConfig(128, 256, 64, num_warps=8, kernel="frag"))
+  assert all(tuning.frag_acc_fits(c) for c in tuning.frag_candidates(1024, 4096, 28672, 128))
   with pytest.raises(ValueError, match="multiples of 64"):
     tuning.KernelConfig(16, 64, 32, kernel="frag")
   with pytest.raises(ValueError, match="block_k=64 and block_n=32 must be multiples of 64"):
