@@ -243,7 +243,8 @@ def test_fragment_real_shapes_every_bucket(m, kn, dtype, symmetric):
     (4096, 6144, 131, "bfloat16", tuning.KernelConfig(64, 128, 128, num_warps=8, num_stages=4, kernel="frag",
                                                       scale_w=1)),  # 44 % once
     (4096, 6144, 64, "float16", tuning.KernelConfig(64, 128, 128, num_warps=8, num_stages=3, kernel="frag",
-                                                    scale_w=1))], ids=lambda c: f"{c[0]}x{c[1]}-m{c[2]}-{c[3]}")
+                                                    scale_w=1)),  # 0.4 - 13 % in session 7
+], ids=lambda c: f"{c[0]}x{c[1]}-m{c[2]}-{c[3]}")
 def test_frag_scaled_weights_do_not_race(case):
   """SCALE_W = 1 chains the accumulator through the K loop's dots; the kernel makes each step wait for its wgmmas
   (kernels/w4a16_frag.py).  Twenty launches of each config that raced without it."""
