@@ -16,11 +16,9 @@ sweeps of the frag kernel (measured M buckets only), keeping every other entry a
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
+from jw4a16.kernels.compile import compile_in_subprocess
 from jw4a16.tuning import CONFIG_DIR, GEMV_MAX_M, KernelConfig, frag_acc_fits, legalize, table_key
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -75,14 +73,11 @@ COMPILE_TARGET = {"h100": "sm90"}  # where frag_entries checks its picks for reg
 
 
 def spill_bytes(jobs: list[tuple[KernelConfig, int, int, int]], group: int, target: str) -> list[int]:
-  """Register spill bytes of the frag kernel for each (config, K, N, M) on `target` (jw4a16.kernels.compile, in
-  one subprocess: the tests may import this module under TRITON_INTERPRET=1)."""
+  """Register spill bytes of the frag kernel for each (config, K, N, M) on `target` (compiled in a subprocess:
+  the tests may import this module under TRITON_INTERPRET=1)."""
   specs = [dict(meta=cfg.meta(), n=n, k=k, group_size=group, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 kernel="frag", m_is_one=m == 1) for cfg, k, n, m in jobs]
-  env = {name: v for name, v in os.environ.items() if name != "TRITON_INTERPRET"}
-  res = subprocess.run([sys.executable, "-m", "jw4a16.kernels.compile", target], input=json.dumps(specs),
-                       capture_output=True, text=True, env=env, check=True)
-  reports = [json.loads(line) for line in res.stdout.splitlines()]
+  reports = compile_in_subprocess(target, specs)
   for (cfg, k, n, _), rep in zip(jobs, reports):
     if "error" in rep:
       raise RuntimeError(f"{cfg} for K={k} N={n}: {rep['error']}")

@@ -5,14 +5,11 @@ The compiles run in one subprocess per target without TRITON_INTERPRET (see jw4a
 """
 
 import functools
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from jw4a16 import tuning
+from jw4a16.kernels.compile import compile_in_subprocess
 
 TARGETS = ("sm80", "sm90", "gfx942", "gfx950")
 SHARED_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024, "gfx942": 64 * 1024, "gfx950": 160 * 1024}
@@ -66,11 +63,7 @@ def reports(target):
   jobs = [dict(meta=c.meta(), n=n, k=k, group_size=g, dtype=dtype, has_zp=zp, num_warps=c.num_warps,
                num_stages=c.num_stages, amd_options=c.amd_options(), kernel=c.kernel, m_is_one=m1)
           for c, k, n, g, dtype, zp, m1 in JOBS[target]]
-  env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-  res = subprocess.run([sys.executable, "-m", "jw4a16.kernels.compile", target], input=json.dumps(jobs),
-                       capture_output=True, text=True, env=env, timeout=900)
-  assert res.returncode == 0, res.stderr[-3000:]
-  return [json.loads(line) for line in res.stdout.splitlines()]
+  return compile_in_subprocess(target, jobs)
 
 
 CASES = [(t, i) for t in TARGETS for i in range(len(JOBS[t]))]

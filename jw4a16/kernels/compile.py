@@ -114,6 +114,20 @@ def report(target: str, compiled) -> CompileReport:
   return CompileReport(target, compiled.metadata.shared, spills, unit, tuple(asm), in_flight)
 
 
+def compile_in_subprocess(target: str, jobs: list[dict], timeout: float = 900) -> list[dict]:
+  """Runs `main` on `jobs` in a fresh Python process without TRITON_INTERPRET (see main) and returns its reports,
+  one dict per job, in order ({"error": ...} for a job that failed to compile)."""
+  import json  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  env = {name: v for name, v in os.environ.items() if name != "TRITON_INTERPRET"}
+  res = subprocess.run([sys.executable, "-m", "jw4a16.kernels.compile", target], input=json.dumps(jobs),
+                       capture_output=True, text=True, env=env, timeout=timeout)
+  if res.returncode != 0:
+    raise RuntimeError(f"python -m jw4a16.kernels.compile {target} failed:\n{res.stderr[-3000:]}")
+  return [json.loads(line) for line in res.stdout.splitlines()]
+
+
 def main(argv=None):
   """python -m jw4a16.kernels.compile TARGET < JSON list of jobs: prints one JSON report per job.
 
