@@ -4,13 +4,16 @@
   python -m jw4a16.bench --quick                # a few rows
   python -m jw4a16.bench --plot FILE.json       # redraw the PNG from a results file (no GPU needed)
 
-Timing (shared/NOTES.md): one jitted function applies the op to R weight sets in turn, with R chosen so the
-sets exceed twice the L2 cache; the per-op time is (t_R - t_1) / (R - 1) from medians, which removes host
-dispatch and counts every XLA op the call adds.  Every timed configuration is checked against the reference
-first.  jw4a16's weights are in the packing a loader picks on this card (`jw4a16.preferred_packing`: "fragment"
-on H100 / H200), converted once before timing, as a model holds them; --packing gptq measures the GPTQ layout.
-The card's two ceilings (copy bandwidth counting read + write, and a large bf16 matmul) are measured in
-the same run; floor = max(bytes / bandwidth, flops / matmul peak).
+Timing: one jitted function applies the op to R weight sets in turn, with R chosen so the sets exceed twice the
+L2 cache, so every op reads its weights from HBM.  The figures are GPU time (`jw4a16.profiling`): the device
+events (kernels, memsets, XLA's fusions) of the call in a jax.profiler trace, the median over 10 calls, divided
+by R; every op the call adds counts, the host's dispatch does not.  Beside them the wall-clock figure of the
+earlier tables, (t_R - t_1) / (R - 1) from medians of host time, which also carries per-launch host cost
+(`wall_us` columns).  Every timed configuration is checked against the reference first.  jw4a16's weights are in
+the packing a loader picks on this card (`jw4a16.preferred_packing`: "fragment" on H100 / H200), converted once
+before timing, as a model holds them; --packing gptq measures the GPTQ layout.  The card's two ceilings (copy
+bandwidth counting read + write, and a large bf16 matmul) are measured the same way in the same run; floor =
+max(bytes / bandwidth, flops / matmul peak).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jw4a16 import profiling
 from jw4a16.layout import to_fragment_packed
 from jw4a16.ops import current_target, resolve_backend, resolve_packing, w4a16_matmul
 from jw4a16.reference import w4a16_matmul_reference
@@ -51,9 +55,20 @@ def _median_time(f, *args, reps: int = 20) -> float:
   return statistics.median(ts)
 
 
-def per_op_us(op, x, weight_sets, reps: int = 20) -> float:
-  """(t_R - t_1) / (R - 1) in microseconds, each t the median of `reps` jitted calls over R or 1 weight sets."""
-  many = jax.jit(lambda x, ws: [op(x, w) for w in ws])
+def _many(op):
+  return jax.jit(lambda x, ws: [op(x, w) for w in ws])
+
+
+def per_op_us(op, x, weight_sets, steps: int = 10) -> float:
+  """GPU time of one op(x, w) in microseconds: the device time of a jitted call over all weight sets (median of
+  `steps` calls, jw4a16.profiling) / their number."""
+  return profiling.device_us(_many(op), (x, weight_sets), steps) / len(weight_sets)
+
+
+def per_op_wall_us(op, x, weight_sets, reps: int = 20) -> float:
+  """(t_R - t_1) / (R - 1) in microseconds, each t the median wall time of `reps` jitted calls over R or 1 weight
+  sets: the earlier tables' figure, host launch cost included where the host is slower than the GPU."""
+  many = _many(op)
   t_r = _median_time(many, x, weight_sets, reps=reps)
   t_1 = _median_time(many, x, weight_sets[:1], reps=reps)
   return max(t_r - t_1, 0.0) / (len(weight_sets) - 1) * 1e6
@@ -128,21 +143,22 @@ def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key, packing="aut
   moved = int4_bytes + 2 * m * (k + n)
   floor_us = max(moved / (copy_tbps * 1e12), 2 * m * n * k / (tflops * 1e12)) * 1e6
   op = lambda x, w: w4a16_matmul(x, *w, group_size=group_size, packing=packing)  # noqa: E731
-  ours = per_op_us(op, x, ours_sets)
-  if ours < floor_us:  # impossible: host noise in t_R - t_1 (small shapes, where a call's host cost > kernel)
-    ours = per_op_us(op, x, ours_sets, reps=100)
+  ours, ours_wall = per_op_us(op, x, ours_sets), per_op_wall_us(op, x, ours_sets)
   del ours_sets
   int4_sets = [xla_int4_weights(*w, group_size) for w in sets]
   del sets
-  xla_int4 = per_op_us(xla_int4_op(group_size), x, int4_sets)
+  int4_op = xla_int4_op(group_size)
+  xla_int4, xla_int4_wall = per_op_us(int4_op, x, int4_sets), per_op_wall_us(int4_op, x, int4_sets)
   del int4_sets
   dense_sets = [jax.random.normal(jax.random.fold_in(key, 100 + i), (k, n), dtype) for i in range(r_dense)]
-  xla_bf16 = per_op_us(lambda x, w: x @ w, x, dense_sets)
+  dense_op = lambda x, w: x @ w  # noqa: E731
+  xla_bf16, xla_bf16_wall = per_op_us(dense_op, x, dense_sets), per_op_wall_us(dense_op, x, dense_sets)
   del dense_sets
   return dict(K=k, N=n, M=m, dtype=jnp.dtype(dtype).name, group_size=group_size, symmetric=symmetric, packing=packing,
               us=ours, xla_bf16_us=xla_bf16, xla_int4_us=xla_int4, floor_us=floor_us, rel_err=rel,
               weight_GBps=int4_bytes / (ours * 1e-6) / 1e9 if ours > 0 else float("nan"),
-              below_floor=ours < floor_us)
+              below_floor=ours < floor_us, timing="gpu", wall_us=ours_wall, xla_bf16_wall_us=xla_bf16_wall,
+              xla_int4_wall_us=xla_int4_wall)
 
 
 def plan(quick: bool, part: str = "all"):
@@ -164,29 +180,35 @@ def plan(quick: bool, part: str = "all"):
 
 
 def markdown(result) -> str:
+  gpu = result.get("timing") == "gpu"
+  how = ("GPU time in microseconds (device events of a profiler trace, median of 10 calls, L2-rotated); the wall "
+         "columns are (t_R - t_1) / (R - 1) of host time" if gpu else
+         "Times in microseconds (wall clock, (t_R - t_1) / (R - 1) of medians, L2-rotated)")
   lines = [f"# W4A16 GEMM on {result['card']} ({result['date']})", "",
            f"jax {result['versions']['jax']}, triton {result['versions']['triton']}, "
            f"jax-triton {result['versions']['jax_triton']}; copy {result['copy_TBps']:.2f} TB/s, "
-           f"bf16 matmul {result['bf16_TFLOPs']:.0f} TFLOP/s. Times in microseconds (median, L2-rotated).", "",
+           f"bf16 matmul {result['bf16_TFLOPs']:.0f} TFLOP/s. {how}.", "",
            "| K | N | M | dtype | G | sym | packing | jw4a16 | XLA bf16 | XLA int4 | floor | floor/jw4a16 | vs bf16 "
-           "| vs int4 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| vs int4 |" + (" jw4a16 wall | XLA bf16 wall |" if gpu else ""),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
   noisy = False
   for r in result["rows"]:
     if r.get("below_floor", r["us"] < r["floor_us"]):  # older results files lack the flag
       noisy = True
-      ours, ratios = f"{r['us']:.1f} (below the floor: noise)", "- | - | -"
+      ours, ratios = f"{r['us']:.1f} (below the floor{'' if gpu else ': noise'})", "- | - | -"
     else:
       ours = f"{r['us']:.1f}"
       ratios = (f"{r['floor_us'] / r['us']:.2f} | {r['xla_bf16_us'] / r['us']:.2f}x | "
                 f"{r['xla_int4_us'] / r['us']:.2f}x")
+    wall = f" {r['wall_us']:.1f} | {r['xla_bf16_wall_us']:.1f} |" if gpu else ""
     lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['dtype']} | {r['group_size']} | {r['symmetric']} | "
                  f"{r.get('packing', 'gptq')} | "
-                 f"{ours} | {r['xla_bf16_us']:.1f} | {r['xla_int4_us']:.1f} | {r['floor_us']:.1f} | {ratios} |")
+                 f"{ours} | {r['xla_bf16_us']:.1f} | {r['xla_int4_us']:.1f} | {r['floor_us']:.1f} | {ratios} |{wall}")
   if noisy:
-    lines += ["", "Below the floor: no kernel can be that fast; the harness's (t_R - t_1) / (R - 1) was decided by "
-              "host-side noise (re-measured once with 100 repetitions first). Read the kernel's time from a "
-              "profile (scripts/profile_step.py op) instead."]
+    lines += ["", "Below the floor: no kernel can be that fast. " + (
+        "The ceilings were measured low in this run." if gpu else
+        "The harness's (t_R - t_1) / (R - 1) was decided by host-side noise (re-measured once with 100 "
+        "repetitions first). Read the kernel's time from a profile (scripts/profile_step.py op) instead.")]
   return "\n".join(lines) + "\n"
 
 
@@ -262,7 +284,7 @@ def main(argv=None):
   stem = a.name or card
   result = dict(card=card, device_kind=dev.device_kind, versions=versions(),
                 date=datetime.date.today().isoformat(), copy_TBps=ceilings[0], bf16_TFLOPs=ceilings[1],
-                rows=out_rows)
+                timing="gpu", rows=out_rows)
   for i, (k, n, m, dtype, g, sym) in enumerate(rows):
     r = bench_row(k, n, m, dtype, g, sym, ceilings, jax.random.fold_in(key, i), a.packing)
     out_rows.append(r)
@@ -270,8 +292,9 @@ def main(argv=None):
     print(f"K={k:6d} N={n:6d} M={m:5d} {r['dtype']:8s} G={g:4d} {'sym ' if sym else 'asym'} {r['packing']:8s} "
           f"jw4a16 {r['us']:8.1f} us | bf16 {r['xla_bf16_us']:8.1f} | int4 {r['xla_int4_us']:8.1f} | "
           f"floor {r['floor_us']:7.1f} | {r['floor_us'] / r['us']:4.2f} of floor"
-          f"{' (below the floor: noise)' if r['below_floor'] else ''} | "
-          f"{r['xla_bf16_us'] / r['us']:5.2f}x bf16", flush=True)
+          f"{' (below the floor)' if r['below_floor'] else ''} | "
+          f"{r['xla_bf16_us'] / r['us']:5.2f}x bf16 | wall {r['wall_us']:.1f} / bf16 {r['xla_bf16_wall_us']:.1f}",
+          flush=True)
   (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
   (out / f"{stem}.md").write_text(markdown(result))
   try:

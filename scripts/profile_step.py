@@ -12,10 +12,7 @@ larger than its GPU busy time is bound by the host (launches), not by the kernel
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import glob
-import gzip
 import json
 import os
 import statistics
@@ -25,45 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _intervals_union(iv):
-  total, end = 0.0, -1e30
-  for s, e in sorted(iv):
-    if e <= end:
-      continue
-    total += e - max(s, end)
-    end = e
-  return total
-
-
-def summarize(trace_dir: str, steps: int, top: int = 12) -> dict:
-  path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
-  with gzip.open(path) as f:
-    d = json.load(f)
-  events = d["traceEvents"] if isinstance(d, dict) else d
-  pnames = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-  gpu_pids = {p for p, n in pnames.items() if "GPU" in n or "device" in n.lower() and "CPU" not in n}
-  kernels = [e for e in events if e.get("ph") == "X" and e["pid"] in gpu_pids]
-  # the device process also carries per-stream summary lines; keep real kernels/memcpys (shortest events)
-  by_name = collections.defaultdict(lambda: [0, 0.0])
-  for e in kernels:
-    by_name[e["name"]][0] += 1
-    by_name[e["name"]][1] += e["dur"]
-  iv = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
-  busy = _intervals_union(iv) / steps
-  host = [e for e in events if e.get("ph") == "X" and e["pid"] not in gpu_pids]
-  host_by_name = collections.defaultdict(lambda: [0, 0.0])
-  for e in host:
-    host_by_name[e["name"]][0] += 1
-    host_by_name[e["name"]][1] += e["dur"]
-  out = {"trace": path, "gpu_processes": sorted(pnames[p] for p in gpu_pids),
-         "gpu_busy_us_per_step": busy, "kernel_sum_us_per_step": sum(v[1] for v in by_name.values()) / steps,
-         "kernels_per_step": sum(v[0] for v in by_name.values()) / steps,
-         "top_kernels": [(n[:90], c / steps, t / steps) for n, (c, t) in
-                         sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]],
-         "top_host": [(n[:90], c / steps, t / steps) for n, (c, t) in
-                      sorted(host_by_name.items(), key=lambda kv: -kv[1][1])[:top]]}
-  return out
+from jw4a16.profiling import summarize
 
 
 def report(name: str, wall_us: float, s: dict):

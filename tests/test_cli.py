@@ -94,6 +94,20 @@ def test_bench_table_flags_rows_below_the_floor():
   assert "Below the floor: no kernel can be that fast" in md
 
 
+def test_bench_table_of_gpu_timed_results():
+  """Results timed on the GPU (profiler device time) print the wall-clock figures beside them."""
+  from jw4a16 import bench  # noqa: PLC0415
+
+  row = dict(K=8192, N=57344, M=1, dtype="bfloat16", group_size=128, symmetric=True, us=98.0, xla_bf16_us=300.0,
+             xla_int4_us=800.0, floor_us=85.0, below_floor=False, wall_us=114.1, xla_bf16_wall_us=322.1,
+             xla_int4_wall_us=837.0)
+  result = dict(card="h100", date="2026-11-26", versions=dict(jax="0", triton="0", jax_triton="0"), copy_TBps=2.9,
+                bf16_TFLOPs=700, timing="gpu", rows=[row])
+  md = bench.markdown(result)
+  assert "GPU time in microseconds" in md and "jw4a16 wall | XLA bf16 wall |" in md
+  assert "| 98.0 | 300.0 | 800.0 | 85.0 | 0.87 | 3.06x | 8.16x | 114.1 | 322.1 |" in md
+
+
 def test_bench_and_tune_refuse_cpu():
   from jw4a16 import bench  # noqa: PLC0415
 
