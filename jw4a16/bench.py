@@ -3,6 +3,7 @@
   python -m jw4a16.bench                        # the full table (GPU), writes benchmarks/results/<card>.*
   python -m jw4a16.bench --quick                # a few rows
   python -m jw4a16.bench --plot FILE.json       # redraw the PNG from a results file (no GPU needed)
+  python -m jw4a16.bench --merge A.json B.json --name h100   # one table from runs split by M (no GPU needed)
 
 Timing: one jitted function applies the op to R weight sets in turn, with R chosen so the sets exceed twice the
 L2 cache, so every op reads its weights from HBM.  The figures are GPU time (`jw4a16.profiling`): the device
@@ -187,10 +188,16 @@ def markdown(result) -> str:
   lines = [f"# W4A16 GEMM on {result['card']} ({result['date']})", "",
            f"jax {result['versions']['jax']}, triton {result['versions']['triton']}, "
            f"jax-triton {result['versions']['jax_triton']}; copy {result['copy_TBps']:.2f} TB/s, "
-           f"bf16 matmul {result['bf16_TFLOPs']:.0f} TFLOP/s. {how}.", "",
-           "| K | N | M | dtype | G | sym | packing | jw4a16 | XLA bf16 | XLA int4 | floor | floor/jw4a16 | vs bf16 "
-           "| vs int4 |" + (" jw4a16 wall | XLA bf16 wall |" if gpu else ""),
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
+           f"bf16 matmul {result['bf16_TFLOPs']:.0f} TFLOP/s. {how}.", ""]
+  if result.get("runs"):
+    runs = result["runs"]
+    lines += [f"Merged from {len(runs)} runs ({', '.join(r['file'] for r in runs)}): copy "
+              f"{min(r['copy_TBps'] for r in runs):.2f} - {max(r['copy_TBps'] for r in runs):.2f} TB/s, matmul "
+              f"{min(r['bf16_TFLOPs'] for r in runs):.0f} - {max(r['bf16_TFLOPs'] for r in runs):.0f} TFLOP/s "
+              "(medians above); each row's floor uses its own run's ceilings.", ""]
+  lines += ["| K | N | M | dtype | G | sym | packing | jw4a16 | XLA bf16 | XLA int4 | floor | floor/jw4a16 | vs bf16 "
+            "| vs int4 |" + (" jw4a16 wall | XLA bf16 wall |" if gpu else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
   noisy = False
   for r in result["rows"]:
     if r.get("below_floor", r["us"] < r["floor_us"]):  # older results files lack the flag
@@ -252,6 +259,8 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="a few rows only")
   p.add_argument("--out", default="benchmarks/results", help="folder for <card>.json/.md/.png")
   p.add_argument("--plot", metavar="JSON", help="only redraw the plot of an existing results file")
+  p.add_argument("--merge", nargs="+", metavar="JSON",
+                 help="only merge results files of one card (runs split by shape or M) into --out/--name")
   p.add_argument("--shapes", default=None, help="comma list of KxN to restrict to")
   p.add_argument("--part", default="all", choices=("all", "main", "extras"),
                  help="main: bf16 group 128 on every shape and M; extras: fp16, group -1 and 32, asymmetric")
@@ -263,6 +272,10 @@ def main(argv=None):
   if a.plot:
     result = json.loads(pathlib.Path(a.plot).read_text())
     plot(result, pathlib.Path(a.plot).with_suffix(".png"))
+    return
+  if a.merge:
+    result = merge([json.loads(pathlib.Path(f).read_text()) for f in a.merge], [pathlib.Path(f).name for f in a.merge])
+    write_results(result, pathlib.Path(a.out), a.name or result["card"])
     return
   if resolve_backend() != "triton":
     raise SystemExit("the benchmark needs a GPU with jax-triton (the Triton path); this machine takes the "
@@ -295,6 +308,11 @@ def main(argv=None):
           f"{' (below the floor)' if r['below_floor'] else ''} | "
           f"{r['xla_bf16_us'] / r['us']:5.2f}x bf16 | wall {r['wall_us']:.1f} / bf16 {r['xla_bf16_wall_us']:.1f}",
           flush=True)
+  write_results(result, out, stem)
+
+
+def write_results(result, out: pathlib.Path, stem: str):
+  out.mkdir(parents=True, exist_ok=True)
   (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
   (out / f"{stem}.md").write_text(markdown(result))
   try:
@@ -302,6 +320,29 @@ def main(argv=None):
   except ImportError:
     print("matplotlib missing: run `python -m jw4a16.bench --plot` on the JSON to draw the PNG")
   print(markdown(result))
+
+
+def merge(results: list[dict], names: list[str]) -> dict:
+  """One results dict from runs of the same card, timing and versions: rows in the benchmark's order (shape, M,
+  then the extras), each keeping the floor of its own run; the top-level ceilings are the runs' medians and
+  `runs` lists each run's."""
+  for key in ("card", "versions", "timing"):
+    seen = {json.dumps(r.get(key), sort_keys=True) for r in results}
+    if len(seen) > 1:
+      raise ValueError(f"--merge: the files differ in {key!r}: {sorted(seen)}")
+  order = {kn: i for i, kn in enumerate(SHAPES.values())}
+  rows = [row for r in results for row in r["rows"]]
+  rows.sort(key=lambda row: (row["dtype"] != "bfloat16" or row["group_size"] != 128 or not row["symmetric"],
+                             order.get((row["K"], row["N"]), len(order)), row["K"], row["N"], row["M"], row["dtype"],
+                             row["group_size"], not row["symmetric"]))
+  first = results[0]
+  return dict(card=first["card"], device_kind=first.get("device_kind"), versions=first["versions"],
+              date=max(r["date"] for r in results), timing=first.get("timing"),
+              copy_TBps=statistics.median(r["copy_TBps"] for r in results),
+              bf16_TFLOPs=statistics.median(r["bf16_TFLOPs"] for r in results),
+              runs=[dict(file=name, date=r["date"], copy_TBps=r["copy_TBps"], bf16_TFLOPs=r["bf16_TFLOPs"],
+                         rows=len(r["rows"])) for name, r in zip(names, results)],
+              rows=rows)
 
 
 def tune_main(argv=None):
