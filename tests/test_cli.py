@@ -108,6 +108,36 @@ def test_bench_table_of_gpu_timed_results():
   assert "| 98.0 | 300.0 | 800.0 | 85.0 | 0.87 | 3.06x | 8.16x | 114.1 | 322.1 |" in md
 
 
+def test_bench_merge(tmp_path):
+  """Runs split by M merge into one table in the benchmark's order, each row keeping its own floor; files of
+  different cards or timings refuse to merge."""
+  import json  # noqa: PLC0415
+
+  from jw4a16 import bench  # noqa: PLC0415
+
+  def run(ms, copy, card="h100"):
+    rows = [dict(K=k, N=n, M=m, dtype="bfloat16", group_size=128, symmetric=True, us=10.0 * m, xla_bf16_us=20.0 * m,
+                 xla_int4_us=30.0 * m, floor_us=5.0 * m / copy, below_floor=False, wall_us=11.0, xla_bf16_wall_us=21.0,
+                 xla_int4_wall_us=31.0) for k, n in ((8192, 57344), (4096, 6144)) for m in ms]
+    return dict(card=card, date="2026-11-26", versions=dict(jax="0", triton="0", jax_triton="0"), copy_TBps=copy,
+                bf16_TFLOPs=800.0, timing="gpu", rows=rows)
+
+  files = []
+  for i, r in enumerate((run([16, 1], 2.9), run([4], 3.0), run([64], 2.95))):
+    files.append(tmp_path / f"r{i}.json")
+    files[-1].write_text(json.dumps(r))
+  bench.main(["--merge", *map(str, files), "--out", str(tmp_path / "out"), "--name", "all"])
+  merged = json.loads((tmp_path / "out/all.json").read_text())
+  assert [(r["K"], r["M"]) for r in merged["rows"]] == [(4096, m) for m in (1, 4, 16, 64)] + [
+      (8192, m) for m in (1, 4, 16, 64)]  # SHAPES order: the 8B qkv shape first
+  assert merged["copy_TBps"] == 2.95 and [r["rows"] for r in merged["runs"]] == [4, 2, 2]
+  assert merged["rows"][1]["floor_us"] == 5.0 * 4 / 3.0  # its own run's floor
+  assert "Merged from 3 runs" in (tmp_path / "out/all.md").read_text()
+  (tmp_path / "other.json").write_text(json.dumps(run([2], 2.9, card="a100")))
+  with pytest.raises(ValueError, match="differ in 'card'"):
+    bench.main(["--merge", str(files[0]), str(tmp_path / "other.json"), "--out", str(tmp_path / "out")])
+
+
 def test_bench_and_tune_refuse_cpu():
   from jw4a16 import bench  # noqa: PLC0415
 
