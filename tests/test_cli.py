@@ -162,6 +162,20 @@ def test_cold_start_script(tmp_path, capsys):
   assert "256x64 M=1: first call in the process" in capsys.readouterr().out
 
 
+def test_frag_ab_script_loads_a_kernel_file(tmp_path):
+  """scripts/frag_ab.py compiles its "old" kernel from a source file (a copy of main's, say); the timing needs CUDA."""
+  import importlib.util  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+
+  spec = importlib.util.spec_from_file_location("frag_ab", ROOT / "scripts/frag_ab.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  old = tmp_path / "frag_main.py"
+  shutil.copy(ROOT / "jw4a16/kernels/w4a16_frag.py", old)
+  kernel = mod.load_kernel(str(old))
+  assert kernel.__name__ == "w4a16_frag_kernel" and "frag_main" in kernel.fn.__module__
+
+
 def test_convert_to_fragment_refuses_group_32_and_writes_nothing(tmp_path):
   from tests import checkpoint_writers as writers  # noqa: PLC0415
 
