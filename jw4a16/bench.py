@@ -10,7 +10,8 @@ L2 cache, so every op reads its weights from HBM.  The figures are GPU time (`jw
 events (kernels, memsets, XLA's fusions) of the call in a jax.profiler trace, the median over 10 calls, divided
 by R; every op the call adds counts, the host's dispatch does not.  Beside them the wall-clock figure of the
 earlier tables, (t_R - t_1) / (R - 1) from medians of host time, which also carries per-launch host cost
-(`wall_us` columns).  Every timed configuration is checked against the reference first.  jw4a16's weights are in
+(`wall_us` columns).  Where the profiler gives no device events (--timing auto checks once), the run is timed by
+wall clock alone and says so (`timing` in the results).  Every timed configuration is checked against the reference first.  jw4a16's weights are in
 the packing a loader picks on this card (`jw4a16.preferred_packing`: "fragment" on H100 / H200), converted once
 before timing, as a model holds them; --packing gptq measures the GPTQ layout.  The card's two ceilings (copy
 bandwidth counting read + write, and a large bf16 matmul) are measured the same way in the same run; floor =
@@ -75,17 +76,39 @@ def per_op_wall_us(op, x, weight_sets, reps: int = 20) -> float:
   return max(t_r - t_1, 0.0) / (len(weight_sets) - 1) * 1e6
 
 
-def measure_ceilings() -> tuple[float, float]:
+TIMINGS = ("auto", "gpu", "wall")
+
+
+def resolve_timing(choice: str = "auto") -> tuple[str, str]:
+  """("gpu" or "wall", why): "auto" takes GPU time where the profiler gives device events for a probe op (CUDA's
+  CUPTI does; a backend whose traces lack them falls back to wall clock rather than failing the run)."""
+  if choice not in TIMINGS:
+    raise ValueError(f"timing={choice!r} must be one of {TIMINGS}")
+  if choice != "auto":
+    return choice, f"--timing {choice}"
+  try:
+    profiling.device_us(jax.jit(lambda a: a + 1), (jnp.ones((1024,), jnp.float32),), steps=2)
+  except Exception as e:  # noqa: BLE001 - any profiler failure means: no GPU time on this machine
+    return "wall", f"no GPU time from the profiler here ({type(e).__name__}: {e}); timing by wall clock"
+  return "gpu", "GPU time from the profiler's device events"
+
+
+def op_us(timing: str, op, x, weight_sets) -> float:
+  """The per-op time of `timing` ("gpu": per_op_us, "wall": per_op_wall_us)."""
+  return (per_op_us if timing == "gpu" else per_op_wall_us)(op, x, weight_sets)
+
+
+def measure_ceilings(timing: str = "gpu") -> tuple[float, float]:
   """(copy TB/s counting read + write, bf16 matmul TFLOP/s) on the default device, timed like the ops."""
   arrays = [jnp.full((2**27,), i, jnp.bfloat16) for i in range(6)]  # 256 MiB each
-  copy_us = per_op_us(lambda _, a: a + jnp.bfloat16(1), None, arrays)
+  copy_us = op_us(timing, lambda _, a: a + jnp.bfloat16(1), None, arrays)
   copy_tbps = 2 * arrays[0].nbytes / (copy_us * 1e-6) / 1e12
   del arrays
   n = 8192
   key = jax.random.key(0)
   x = jax.random.normal(key, (n, n), jnp.bfloat16)
   ys = [jax.random.normal(jax.random.fold_in(key, i), (n, n), jnp.bfloat16) for i in range(4)]
-  mm_us = per_op_us(lambda x, y: x @ y, x, ys)
+  mm_us = op_us(timing, lambda x, y: x @ y, x, ys)
   return copy_tbps, 2 * n**3 / (mm_us * 1e-6) / 1e12
 
 
@@ -119,7 +142,7 @@ def xla_int4_op(group_size):
   return op
 
 
-def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key, packing="auto"):
+def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key, packing="auto", timing="gpu"):
   copy_tbps, tflops = ceilings
   g = k if group_size == -1 else group_size
   int4_bytes = k * n // 2 + (k // g) * n * (2 + (0 if symmetric else 0.5))
@@ -144,22 +167,25 @@ def bench_row(k, n, m, dtype, group_size, symmetric, ceilings, key, packing="aut
   moved = int4_bytes + 2 * m * (k + n)
   floor_us = max(moved / (copy_tbps * 1e12), 2 * m * n * k / (tflops * 1e12)) * 1e6
   op = lambda x, w: w4a16_matmul(x, *w, group_size=group_size, packing=packing)  # noqa: E731
-  ours, ours_wall = per_op_us(op, x, ours_sets), per_op_wall_us(op, x, ours_sets)
+  def both(op, sets):  # (the run's figure, wall clock): with GPU timing the wall-clock figure goes beside it
+    return op_us(timing, op, x, sets), (per_op_wall_us(op, x, sets) if timing == "gpu" else None)
+
+  ours, ours_wall = both(op, ours_sets)
   del ours_sets
   int4_sets = [xla_int4_weights(*w, group_size) for w in sets]
   del sets
-  int4_op = xla_int4_op(group_size)
-  xla_int4, xla_int4_wall = per_op_us(int4_op, x, int4_sets), per_op_wall_us(int4_op, x, int4_sets)
+  xla_int4, xla_int4_wall = both(xla_int4_op(group_size), int4_sets)
   del int4_sets
   dense_sets = [jax.random.normal(jax.random.fold_in(key, 100 + i), (k, n), dtype) for i in range(r_dense)]
-  dense_op = lambda x, w: x @ w  # noqa: E731
-  xla_bf16, xla_bf16_wall = per_op_us(dense_op, x, dense_sets), per_op_wall_us(dense_op, x, dense_sets)
+  xla_bf16, xla_bf16_wall = both(lambda x, w: x @ w, dense_sets)
   del dense_sets
-  return dict(K=k, N=n, M=m, dtype=jnp.dtype(dtype).name, group_size=group_size, symmetric=symmetric, packing=packing,
-              us=ours, xla_bf16_us=xla_bf16, xla_int4_us=xla_int4, floor_us=floor_us, rel_err=rel,
-              weight_GBps=int4_bytes / (ours * 1e-6) / 1e9 if ours > 0 else float("nan"),
-              below_floor=ours < floor_us, timing="gpu", wall_us=ours_wall, xla_bf16_wall_us=xla_bf16_wall,
-              xla_int4_wall_us=xla_int4_wall)
+  row = dict(K=k, N=n, M=m, dtype=jnp.dtype(dtype).name, group_size=group_size, symmetric=symmetric, packing=packing,
+             us=ours, xla_bf16_us=xla_bf16, xla_int4_us=xla_int4, floor_us=floor_us, rel_err=rel,
+             weight_GBps=int4_bytes / (ours * 1e-6) / 1e9 if ours > 0 else float("nan"),
+             below_floor=ours < floor_us, timing=timing)
+  if timing == "gpu":
+    row.update(wall_us=ours_wall, xla_bf16_wall_us=xla_bf16_wall, xla_int4_wall_us=xla_int4_wall)
+  return row
 
 
 def plan(quick: bool, part: str = "all"):
@@ -268,6 +294,9 @@ def main(argv=None):
   p.add_argument("--ms", default=None, help="comma list of M to restrict to")
   p.add_argument("--packing", default="auto", choices=("auto", "gptq", "fragment"),
                  help="jw4a16's weight layout (default: what the loaders pick on this card)")
+  p.add_argument("--timing", default="auto", choices=TIMINGS,
+                 help="gpu: profiler device time; wall: (t_R - t_1) / (R - 1) of host time; auto: gpu where the "
+                      "profiler gives device events, else wall")
   a = p.parse_args(argv)
   if a.plot:
     result = json.loads(pathlib.Path(a.plot).read_text())
@@ -282,7 +311,9 @@ def main(argv=None):
                      "reference path")
   dev = jax.devices()[0]
   card = current_target().name
-  ceilings = measure_ceilings()
+  timing, why = resolve_timing(a.timing)
+  print(f"timing: {timing} ({why})", flush=True)
+  ceilings = measure_ceilings(timing)
   print(f"{dev.device_kind}: copy {ceilings[0]:.2f} TB/s, bf16 matmul {ceilings[1]:.0f} TFLOP/s", flush=True)
   rows = plan(a.quick, a.part)
   if a.shapes:
@@ -297,17 +328,17 @@ def main(argv=None):
   stem = a.name or card
   result = dict(card=card, device_kind=dev.device_kind, versions=versions(),
                 date=datetime.date.today().isoformat(), copy_TBps=ceilings[0], bf16_TFLOPs=ceilings[1],
-                timing="gpu", rows=out_rows)
+                timing=timing, rows=out_rows)
   for i, (k, n, m, dtype, g, sym) in enumerate(rows):
-    r = bench_row(k, n, m, dtype, g, sym, ceilings, jax.random.fold_in(key, i), a.packing)
+    r = bench_row(k, n, m, dtype, g, sym, ceilings, jax.random.fold_in(key, i), a.packing, timing)
     out_rows.append(r)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))  # after every row: a cut run keeps its rows
     print(f"K={k:6d} N={n:6d} M={m:5d} {r['dtype']:8s} G={g:4d} {'sym ' if sym else 'asym'} {r['packing']:8s} "
           f"jw4a16 {r['us']:8.1f} us | bf16 {r['xla_bf16_us']:8.1f} | int4 {r['xla_int4_us']:8.1f} | "
           f"floor {r['floor_us']:7.1f} | {r['floor_us'] / r['us']:4.2f} of floor"
           f"{' (below the floor)' if r['below_floor'] else ''} | "
-          f"{r['xla_bf16_us'] / r['us']:5.2f}x bf16 | wall {r['wall_us']:.1f} / bf16 {r['xla_bf16_wall_us']:.1f}",
-          flush=True)
+          f"{r['xla_bf16_us'] / r['us']:5.2f}x bf16"
+          + (f" | wall {r['wall_us']:.1f} / bf16 {r['xla_bf16_wall_us']:.1f}" if timing == "gpu" else ""), flush=True)
   write_results(result, out, stem)
 
 
@@ -366,6 +397,8 @@ def tune_main(argv=None):
   if resolve_backend() != "triton":
     raise SystemExit("tuning needs a GPU with jax-triton")
   target = current_target()
+  timing, why = resolve_timing("auto")
+  print(f"timing: {timing} ({why})", flush=True)
   dtype = jnp.dtype(a.dtype)
   found = {}
   for shape in a.shapes.split(","):
@@ -384,8 +417,8 @@ def tune_main(argv=None):
       best = None
       for cfg in cands:
         try:
-          us = per_op_us(lambda x, w, cfg=cfg: w4a16_matmul(x, *w, group_size=a.group, config=cfg, packing=packing),
-                         x, sets)
+          us = op_us(timing, lambda x, w, cfg=cfg: w4a16_matmul(x, *w, group_size=a.group, config=cfg,
+                                                                packing=packing), x, sets)
         except Exception as e:  # a config that fails to compile on this GPU is skipped
           print(f"  skip {cfg}: {type(e).__name__}")
           continue

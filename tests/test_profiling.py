@@ -37,3 +37,15 @@ def test_device_us_per_step_traces_annotated_calls():
 def test_intervals_union():
   assert profiling.intervals_union([(0, 10), (5, 20), (30, 31)]) == 21
   assert profiling.intervals_union([]) == 0
+
+
+def test_bench_timing_falls_back_to_wall_clock_without_device_events():
+  """`jw4a16 bench --timing auto` takes GPU time only where the profiler gives device events (not on this CPU)."""
+  from jw4a16 import bench  # noqa: PLC0415
+
+  timing, why = bench.resolve_timing("auto")
+  if jax.default_backend() == "cpu":
+    assert timing == "wall" and "no device events" in why
+  assert bench.resolve_timing("wall")[0] == "wall" and bench.resolve_timing("gpu")[0] == "gpu"
+  with pytest.raises(ValueError, match="timing='fast' must be one of"):
+    bench.resolve_timing("fast")
