@@ -11,9 +11,10 @@ events (kernels, memsets, XLA's fusions) of the call in a jax.profiler trace, th
 by R; every op the call adds counts, the host's dispatch does not.  Beside them the wall-clock figure of the
 earlier tables, (t_R - t_1) / (R - 1) from medians of host time, which also carries per-launch host cost
 (`wall_us` columns).  Where the profiler gives no device events (--timing auto checks once), the run is timed by
-wall clock alone and says so (`timing` in the results).  Every timed configuration is checked against the reference first.  jw4a16's weights are in
-the packing a loader picks on this card (`jw4a16.preferred_packing`: "fragment" on H100 / H200), converted once
-before timing, as a model holds them; --packing gptq measures the GPTQ layout.  The card's two ceilings (copy
+wall clock alone and says so (`timing` in the results).  Every timed configuration is checked against the
+reference first.  jw4a16's weights are in the packing a loader picks on this card (`jw4a16.preferred_packing`:
+"fragment" on H100 / H200), converted once before timing, as a model holds them; --packing gptq measures the GPTQ
+layout.  The card's two ceilings (copy
 bandwidth counting read + write, and a large bf16 matmul) are measured the same way in the same run; floor =
 max(bytes / bandwidth, flops / matmul peak).
 """
