@@ -14,9 +14,8 @@ earlier tables, (t_R - t_1) / (R - 1) from medians of host time, which also carr
 wall clock alone and says so (`timing` in the results).  Every timed configuration is checked against the
 reference first.  jw4a16's weights are in the packing a loader picks on this card (`jw4a16.preferred_packing`:
 "fragment" on H100 / H200), converted once before timing, as a model holds them; --packing gptq measures the GPTQ
-layout.  The card's two ceilings (copy
-bandwidth counting read + write, and a large bf16 matmul) are measured the same way in the same run; floor =
-max(bytes / bandwidth, flops / matmul peak).
+layout.  The card's two ceilings (copy bandwidth counting read + write, and a large bf16 matmul) are measured
+the same way in the same run; floor = max(bytes / bandwidth, flops / matmul peak).
 """
 
 from __future__ import annotations
