@@ -88,22 +88,20 @@ def device_us(fn, args, steps: int = 10) -> float:
   return statistics.median(device_us_per_step(fn, args, steps))
 
 
+def _tally(events, steps: int, top: int) -> list[tuple[str, float, float]]:
+  """(name, count per step, us per step) of the `top` names with the most time."""
+  by_name = collections.defaultdict(lambda: [0, 0.0])
+  for e in events:
+    by_name[e["name"]][0] += 1
+    by_name[e["name"]][1] += e["dur"]
+  return [(n[:90], c / steps, s / steps) for n, (c, s) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]]
+
+
 def summarize(trace_dir: str, steps: int, top: int = 12) -> dict:
   """Per-step totals of a traced run and its busiest device and host events by name."""
   t = load_trace(trace_dir)
-  by_name = collections.defaultdict(lambda: [0, 0.0])
-  for e in t.device:
-    by_name[e["name"]][0] += 1
-    by_name[e["name"]][1] += e["dur"]
-  host_by_name = collections.defaultdict(lambda: [0, 0.0])
-  for e in t.host:
-    host_by_name[e["name"]][0] += 1
-    host_by_name[e["name"]][1] += e["dur"]
   busy = intervals_union([(e["ts"], e["ts"] + e["dur"]) for e in t.device]) / steps
   return {"gpu_processes": t.device_lines,
-          "gpu_busy_us_per_step": busy, "kernel_sum_us_per_step": sum(v[1] for v in by_name.values()) / steps,
-          "kernels_per_step": sum(v[0] for v in by_name.values()) / steps,
-          "top_kernels": [(n[:90], c / steps, s / steps) for n, (c, s) in
-                          sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]],
-          "top_host": [(n[:90], c / steps, s / steps) for n, (c, s) in
-                       sorted(host_by_name.items(), key=lambda kv: -kv[1][1])[:top]]}
+          "gpu_busy_us_per_step": busy, "kernel_sum_us_per_step": sum(e["dur"] for e in t.device) / steps,
+          "kernels_per_step": len(t.device) / steps,
+          "top_kernels": _tally(t.device, steps, top), "top_host": _tally(t.host, steps, top)}

@@ -6,7 +6,8 @@ against main:
 
 "old" is the kernel source file given, "new" the working tree's jw4a16/kernels/w4a16_frag.py.  Each point times the
 table's pick (and, at M <= 16, the same tile with one more pipeline stage) over R weight copies that exceed twice
-the L2 cache, checks both outputs against a dequantize-then-matmul reference, and prints the ratio.  Session 10's
+the L2 cache, launched as scripts/sweep.py launches, checks both outputs against a dequantize-then-matmul
+reference, and prints the ratio.  Session 10's
 A/Bs (benchmarks/results/frag-scale-prefetch-ab-*.json) were made this way.  Needs a CUDA torch.
 """
 
@@ -22,7 +23,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from sweep import dequant, make  # noqa: E402
+from sweep import dequant, launch, make  # noqa: E402
 
 from jw4a16.kernels import w4a16_frag  # noqa: E402
 from jw4a16.layout import to_fragment_packed  # noqa: E402
@@ -58,23 +59,13 @@ def main(argv=None):
       ref = x.float() @ w
       pick = select_config(m, k, n, 128, "bfloat16", False, packing="fragment")
       for cfg in [pick] + ([dataclasses.replace(pick, num_stages=pick.num_stages + 1)] if m <= 16 else []):
-        out = torch.empty((m, n), dtype=x.dtype, device="cuda")
-        part_shape, lock_shape = cfg.scratch_shapes(m, n)
-        part = torch.empty(part_shape, dtype=torch.float32, device="cuda")
-        locks = torch.zeros(lock_shape, dtype=torch.int32, device="cuda")
-
-        def run(kernel, qw, s, cfg=cfg, x=x, out=out, part=part, locks=locks):
-          if cfg.split_k > 1:
-            locks.zero_()
-          kernel[cfg.grid(m, n)](x, qw, s, s, m, out, part, locks, N=n, K=k, GROUP_SIZE=128, HAS_ZP=False,
-                                 ZP_BIAS=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages, PTX=1, **cfg.meta())
-
         res = {}
         for name, kernel in kernels.items():
-          run(kernel, *sets[0])
+          out = launch(cfg, x, *sets[0], None, 128, kernel)
           err = ((out.float() - ref).norm() / ref.norm()).item()
-          us = triton.testing.do_bench_cudagraph(lambda kernel=kernel: [run(kernel, *ws) for ws in sets],
-                                                 return_mode="median") * 1e3 / r
+          us = triton.testing.do_bench_cudagraph(
+              lambda cfg=cfg, kernel=kernel: [launch(cfg, x, qw, s, None, 128, kernel) for qw, s in sets],
+              return_mode="median") * 1e3 / r
           res[name] = (us, err)
         rows.append(dict(k=k, n=n, m=m, config=cfg.to_json(), old_us=res["old"][0], new_us=res["new"][0],
                          old_err=res["old"][1], new_err=res["new"][1]))

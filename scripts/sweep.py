@@ -43,7 +43,8 @@ def dequant(qw, s, qz, g):
   return ((q - z) * s.float().repeat_interleave(g, 0)).to(s.dtype)
 
 
-def launch(cfg, x, qw, s, qz, g):
+def launch(cfg, x, qw, s, qz, g, kernel=None):
+  """One launch of cfg's kernel (or `kernel`, another version of it: scripts/frag_ab.py) on fresh outputs."""
   m, k = x.shape
   n = s.shape[1]
   out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -51,9 +52,10 @@ def launch(cfg, x, qw, s, qz, g):
   partials = torch.empty(partials, dtype=torch.float32, device=x.device)
   locks = torch.zeros(locks, dtype=torch.int32, device=x.device)
   extra = {"PTX": int(torch.version.hip is None)} if cfg.kernel == "frag" else {}  # as ops._launch passes it
-  KERNELS[cfg.kernel][cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, partials, locks, N=n, K=k,
-                                      GROUP_SIZE=g, HAS_ZP=qz is not None, ZP_BIAS=8, num_warps=cfg.num_warps,
-                                      num_stages=cfg.num_stages, **cfg.meta(), **extra)
+  (kernel or KERNELS[cfg.kernel])[cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, partials, locks, N=n,
+                                                  K=k, GROUP_SIZE=g, HAS_ZP=qz is not None, ZP_BIAS=8,
+                                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
+                                                  **extra)
   return out
 
 
