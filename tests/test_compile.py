@@ -79,6 +79,9 @@ def test_compiles_within_limits(target, i):
   assert rep["spills"] == 0, rep
   assert ("hsaco" if target.startswith("gfx") else "cubin") in rep["asm_keys"]
   assert not rep["wgmma_in_flight"], rep  # no wgmma may outlive its loop iteration (kernels/w4a16_frag.py)
+  if cfg.kernel == "frag" and cfg.scale_w and not target.startswith("gfx"):
+    # every load of the SCALE_W = 1 K loop staged by the pipeliner (cp.async), the scales as int32 pairs
+    assert rep["loop_global_loads"] == 0, rep
   if cfg.block_m >= 16:  # tl.dot must land on the matrix units; wgmma where its M (64 rows) is filled
     wgmma = target == "sm90" and (cfg.block_n if cfg.swap_ab or cfg.kernel == "frag" else cfg.block_m) >= 64
     expected = "v_mfma" if target.startswith("gfx") else ("wgmma" if wgmma else "mma")

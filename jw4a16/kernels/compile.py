@@ -36,6 +36,7 @@ class CompileReport:
   matrix_unit: str | None  # the matrix instruction found in the assembly, if any
   asm_keys: tuple[str, ...]
   wgmma_in_flight: bool = False  # a loop's back edge with wgmmas unfinished (wgmma_in_flight_at_loop_end)
+  loop_global_loads: int = 0  # ld.global in the K loops (global_loads_in_mma_loops): loads not pipelined
 
 
 def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
@@ -99,6 +100,24 @@ def wgmma_in_flight_at_loop_end(ptx: str) -> bool:
   return False
 
 
+def _loops(ptx: str):
+  """The bodies (lists of lines) of the PTX's loops: from a label to a later branch back to it."""
+  lines = ptx.splitlines()
+  labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"^\$L__BB\d+_\d+:", line)}
+  for j, line in enumerate(lines):
+    back = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+    if back and labels.get(back.group(1), j) < j:
+      yield lines[labels[back.group(1)]:j]
+
+
+def global_loads_in_mma_loops(ptx: str) -> int:
+  """ld.global instructions inside the PTX's loops that issue matrix instructions (the K loops; not the split-K
+  epilogue's).  In the frag kernel's K loop every load should be staged through shared memory by Triton's
+  pipeliner (cp.async); an ld.global there is waited for in the step that issued it."""
+  return sum(1 for body in _loops(ptx) if any("mma" in text for text in body)
+             for text in body if re.search(r"\bld\.global", text))
+
+
 def report(target: str, compiled) -> CompileReport:
   asm = compiled.asm
   if "amdgcn" in asm:
@@ -106,12 +125,14 @@ def report(target: str, compiled) -> CompileReport:
     spills = sum(int(v) for v in re.findall(r"\.(?:v|s)gpr_spill_count:\s*(\d+)", gcn))
     unit = "v_mfma" if "v_mfma" in gcn else None
     in_flight = False
+    loop_loads = 0
   else:
     ptx = asm["ptx"]
     spills = _ptxas_spills(ptx, TARGETS[target].arch)
     unit = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else None)
     in_flight = wgmma_in_flight_at_loop_end(ptx)
-  return CompileReport(target, compiled.metadata.shared, spills, unit, tuple(asm), in_flight)
+    loop_loads = global_loads_in_mma_loops(ptx)
+  return CompileReport(target, compiled.metadata.shared, spills, unit, tuple(asm), in_flight, loop_loads)
 
 
 def compile_in_subprocess(target: str, jobs: list[dict], timeout: float = 900) -> list[dict]:

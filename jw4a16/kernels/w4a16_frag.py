@@ -77,15 +77,34 @@ def _k_order(b0, b1, b2, b3, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _group_step(acc, words, xt, scales_ptr, qzeros_ptr, g, offs_n, mask_n, N: tl.constexpr, HAS_ZP: tl.constexpr,
-                ZP_BIAS: tl.constexpr, B: tl.constexpr, SCALE_W: tl.constexpr, PTX: tl.constexpr,
-                BLOCK_N: tl.constexpr, BK: tl.constexpr):
-  """acc [BLOCK_N, BLOCK_M] += W^T x^T over BK values of K inside group g: words [BLOCK_N, BK // 8] (a step's
-  words of each column), xt [BK, BLOCK_M]."""
-  DTYPE: tl.constexpr = xt.dtype
-  s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)[:, None]
+def _group_params(scales_ptr, qzeros_ptr, g, n0, offs_n, mask_n, N: tl.constexpr, HAS_ZP: tl.constexpr,
+                  DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr):
+  """Group g's scales [BLOCK_N] (columns n0 + offs) and, with HAS_ZP, its packed zero-point words [BLOCK_N] (else
+  zeros).  PAIRS: the scales are read as int32 pairs (N is even): Triton's pipeliner stages a load through shared
+  memory (cp.async) only if each thread's piece is at least 32 bits, and one 16-bit scale a thread stayed an
+  ld.global in the K loop that the step waited for (docs/performance.md, session 10)."""
+  if PAIRS:
+    offs_p = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+    pairs = tl.load(scales_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + g * (N // 2) + offs_p,
+                    mask=offs_p < N // 2, other=0)
+    s = tl.reshape(_halves(pairs, DTYPE), (BLOCK_N,))  # columns 2 i and 2 i + 1 from pair i
+  else:
+    s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
   if HAS_ZP:
     zw = tl.load(qzeros_ptr + g * (N // 8) + offs_n // 8, mask=mask_n, other=0)
+  else:
+    zw = tl.zeros_like(offs_n)
+  return s, zw
+
+
+@triton.jit
+def _group_step(acc, words, xt, s, zw, g, offs_n, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr, B: tl.constexpr,
+                SCALE_W: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+  """acc [BLOCK_N, BLOCK_M] += W^T x^T over BK values of K inside group g: words [BLOCK_N, BK // 8] (a step's
+  words of each column), xt [BK, BLOCK_M], s and zw the group's _group_params."""
+  DTYPE: tl.constexpr = xt.dtype
+  s = s[:, None]
+  if HAS_ZP:
     zq = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[:, None]
   else:
     zq = tl.full((BLOCK_N, 1), ZP_BIAS, dtype=tl.float32)
@@ -165,11 +184,27 @@ def w4a16_frag_kernel(
   offs_k = tl.arange(0, BLOCK_K)
   acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
   k_begin = pid_k * K_SPLIT
+  # The group's scales and zero points.  SCALE_W = 1: loaded in the step as int32 pairs, which Triton's pipeliner
+  # stages with the words (cp.async).  SCALE_W = 0 (the scales feed the fp32 correction, not the dot, so the
+  # pipeliner leaves them alone): loaded one step ahead into registers, which measured 0 - 7 % faster on 10 points
+  # of session 10's A/B, where the same prefetch made SCALE_W = 1 tiles up to 57 % slower.  Group indices are
+  # clamped to K's last group: a split that starts past K, and the last step's prefetch.
+  n0 = pid_n * BLOCK_N
+  if not SCALE_W:
+    s_nxt, zw_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k_begin, K - 1) // GROUP_SIZE, n0, offs_n,
+                                  mask_n, N, HAS_ZP, DTYPE, BLOCK_N, 0)
   for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):  # a split may start past K: no steps
+    if SCALE_W:
+      s_cur, zw_cur = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, n0, offs_n, mask_n, N, HAS_ZP, DTYPE,
+                                    BLOCK_N, 1)
+    else:
+      s_cur, zw_cur = s_nxt, zw_nxt
+      s_nxt, zw_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE, n0,
+                                    offs_n, mask_n, N, HAS_ZP, DTYPE, BLOCK_N, 0)
     words = tl.load(w_tile + (w_offs + (k0 // 64) * (ROW_BLOCK * 8)), mask=mask_n[:, None], other=0)
     xt = tl.load(x_cols + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
-    acc = _group_step(acc, words, xt, scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, mask_n, N, HAS_ZP, ZP_BIAS,
-                      B, SCALE_W, PTX, BLOCK_N, BLOCK_K)
+    acc = _group_step(acc, words, xt, s_cur, zw_cur, k0 // GROUP_SIZE, offs_n, HAS_ZP, ZP_BIAS, B, SCALE_W, PTX,
+                      BLOCK_N, BLOCK_K)
 
   if SCALE_W:
     acc = acc * 0.0625
