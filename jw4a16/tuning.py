@@ -31,7 +31,7 @@ class KernelConfig:
   body); kernel "gemv" is w4a16_gemv_kernel (block_m = 1 or 2 rows of x per program, fp32 FMAs over word
   planes, the program's K range cut into k_lanes interleaved lanes of block_k rows); kernel "frag" is
   w4a16_frag_kernel, the only one for weights with packing="fragment" (out^T = W^T x^T with block_n weight
-  columns as the MMA's M; block_k a multiple of 64; scale_w=1 scales the weight tile before the dot).
+  columns as the MMA's M; block_k a multiple of 64; scale_w=1 or 2 scales the weight tile before the dot).
   split_k > 1 splits K over that many programs per tile, whose fp32 partials the last one to finish sums
   (kernels/splitk.py).  num_warps counts 32-wide warps on NVIDIA and 64-wide wavefronts on AMD.
   """
@@ -80,8 +80,8 @@ class KernelConfig:
                        f"block_m >= 8 (block_m={self.block_m}, kernel={self.kernel!r})")
     if self.split_k < 1:
       raise ValueError(f"KernelConfig.split_k={self.split_k} must be >= 1")
-    if self.scale_w not in (0, 1) or (self.scale_w and self.kernel != "frag"):
-      raise ValueError(f"KernelConfig.scale_w={self.scale_w} must be 0 or 1, and 1 only for kernel 'frag'")
+    if self.scale_w not in (0, 1, 2) or (self.scale_w and self.kernel != "frag"):
+      raise ValueError(f"KernelConfig.scale_w={self.scale_w} must be 0, 1 or 2, and not 0 only for kernel 'frag'")
     if self.kernel == "frag" and (self.block_k % 64 or self.block_m < 8 or self.block_n % 64 or not self.block_n):
       raise ValueError(f"KernelConfig for kernel 'frag': block_k={self.block_k} and block_n={self.block_n} must be "
                        f"multiples of 64 (the packing's blocks), block_m={self.block_m} >= 8")
@@ -409,7 +409,7 @@ def frag_candidates(m: int, k: int, n: int, group_size: int, target: Target = H1
   mb = m_bucket(m)
   bms = {min(max(8, mb), 256 if mb >= 512 else 128)} | ({8, 16} if mb <= 8 else set()) | ({64} if mb >= 128 else set())
   for bm, bn, bk, warps, stages, scale_w in itertools.product(
-      sorted(bms), (64, 128, 256), (64, 128), (4, 8), (3, 4), (0, 1) if mb <= 32 else (1,)):
+      sorted(bms), (64, 128, 256), (64, 128), (4, 8), (3, 4), (0, 1, 2) if mb <= 32 else (1, 2)):
     if (bn == 256) != (mb >= 512) or (bn == 64 and warps == 8) or (mb <= 32 and (bk, warps, stages) != (128, 4, 3)):
       continue
     tiles = math.ceil(m / bm) * math.ceil(n / bn)

@@ -9,6 +9,7 @@ counters included, and checks every config against a dequantize-then-matmul refe
   python scripts/sweep.py --shapes 4096x6144,4096x28672 --ms 1,16,64 --out sweep.json
   python scripts/sweep.py --packing fragment --ms 1,16 --out sweep-frag.json   # the frag kernel
   python scripts/sweep.py --packing fragment --seed-from old.json --top 3 ...  # re-time old bests, plus others
+  python scripts/sweep.py --packing fragment --around-pick ...  # the table's picks and their scale / stage variants
 """
 
 import argparse
@@ -59,6 +60,15 @@ def launch(cfg, x, qw, s, qz, g, kernel=None):
   return out
 
 
+def around_pick(h: KernelConfig, m: int) -> list[KernelConfig]:
+  """The frag pick's neighbours: each scale placement (0 only up to M = 32, as frag_candidates) at its own number
+  of stages and one fewer."""
+  if h.kernel != "frag":
+    return []
+  return [dataclasses.replace(h, scale_w=sw, num_stages=st) for sw in ((0, 1, 2) if m <= 32 else (1, 2))
+          for st in (h.num_stages, h.num_stages - 1) if st >= 2]
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--shapes", default="4096x6144,4096x28672,14336x4096")
@@ -74,6 +84,8 @@ def main():
                  help="earlier sweeps: their --top fastest configs at each (K, N, M) are timed too (after a kernel "
                  "change)")
   p.add_argument("--top", type=int, default=3)
+  p.add_argument("--around-pick", action="store_true",
+                 help="time only today's pick and its neighbours in scale_w and num_stages (after a kernel change)")
   p.add_argument("--out", default=None)
   a = p.parse_args()
   seeds = {}
@@ -107,7 +119,10 @@ def main():
       # the current pick, the seeds' fastest, then an even spread over the rest
       first = list(dict.fromkeys([h] + [c for _, c in sorted(seeds.get((k, n, m), []), key=lambda t: t[0])[:a.top]]))
       rest = [c for c in cands if c not in first]
-      cands = first + random.Random(m * 7919 + k).sample(rest, min(a.max_configs, len(rest)))
+      if a.around_pick:
+        cands = list(dict.fromkeys([h] + around_pick(h, m)))
+      else:
+        cands = first + random.Random(m * 7919 + k).sample(rest, min(a.max_configs, len(rest)))
       rows = []
       for cfg in cands:
         t0 = time.time()

@@ -54,7 +54,11 @@ JOBS = {t: [(c, k, n, g, dtype, zp, m == 1) for c, k, n, m in dispatchable(t)
             for bm, dtype, zp in ((16, "bfloat16", False), (32, "float16", True))] +
            # the fragment-packed kernel: what the dispatcher picks for packing="fragment" on two shapes
            [(c, k, n, 128, dtype, zp, m == 1) for c, k, n, m in frag_dispatchable(t)
-            for dtype, zp in (("bfloat16", False), ("float16", True))]
+            for dtype, zp in (("bfloat16", False), ("float16", True))] +
+           # its scales read as int32 pairs (SCALE_W = 2), whether or not a pick uses them
+           [(tuning.KernelConfig(bm, bn, 128, split_k=2, num_stages=3, kernel="frag", scale_w=2), 4096, 28672, 128,
+             dtype, zp, bm == 8) for bm, bn, dtype, zp in ((8, 128, "bfloat16", False), (64, 64, "float16", True))
+            if not t.startswith("gfx")]  # an NVIDIA pipeliner's option: AMD stages loads by its own rules
         for t in TARGETS}
 
 
@@ -79,8 +83,8 @@ def test_compiles_within_limits(target, i):
   assert rep["spills"] == 0, rep
   assert ("hsaco" if target.startswith("gfx") else "cubin") in rep["asm_keys"]
   assert not rep["wgmma_in_flight"], rep  # no wgmma may outlive its loop iteration (kernels/w4a16_frag.py)
-  if cfg.kernel == "frag" and cfg.scale_w and not target.startswith("gfx"):
-    # every load of the SCALE_W = 1 K loop staged by the pipeliner (cp.async), the scales as int32 pairs
+  if cfg.kernel == "frag" and cfg.scale_w == 2 and not target.startswith("gfx"):
+    # every load of the SCALE_W = 2 K loop staged by the pipeliner (cp.async), the scales as int32 pairs
     assert rep["loop_global_loads"] == 0, rep
   if cfg.block_m >= 16:  # tl.dot must land on the matrix units; wgmma where its M (64 rows) is filled
     wgmma = target == "sm90" and (cfg.block_n if cfg.swap_ab or cfg.kernel == "frag" else cfg.block_m) >= 64

@@ -27,7 +27,7 @@ def test_to_fragment_packed_places_each_value():
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("kng,bm,bk,split", [((256, 72, 128), 16, 64, 1), ((384, 136, 64), 16, 64, 4),
                                              ((256, 64, -1), 32, 128, 3), ((512, 80, 128), 16, 128, 2)])
-@pytest.mark.parametrize("scale_w", [0, 1])
+@pytest.mark.parametrize("scale_w", [0, 1, 2])
 def test_frag_kernel(kng, bm, bk, split, dtype, symmetric, scale_w):
   from jw4a16.kernels.w4a16_frag import w4a16_frag_kernel  # noqa: PLC0415
   from tests.interpret import _torch, patch_interpreter  # noqa: PLC0415

@@ -112,7 +112,7 @@ def test_dispatcher_configs_for_fragment():
   assert tuning.select_config(4, 192, 64, 64, "bfloat16", False, tuning.H100, "fragment").block_k == 64
   cands = tuning.frag_candidates(4, 4096, 6144, 128)
   assert cands and all(c.kernel == "frag" and tuning.fits(c, tuning.H100) for c in cands)
-  assert {c.scale_w for c in cands} == {0, 1}
+  assert {c.scale_w for c in cands} == {0, 1, 2}
   # 16-row tiles scaling the weights (fenced off before session 9: they raced) are searched again
   assert any(c.block_m == 16 and c.scale_w for c in tuning.frag_candidates(16, 8192, 57344, 128))
   # accumulators of 256 registers a thread spilled hundreds of bytes: not searched
@@ -123,7 +123,7 @@ def test_dispatcher_configs_for_fragment():
     tuning.KernelConfig(16, 64, 32, kernel="frag")
   with pytest.raises(ValueError, match="block_k=64 and block_n=32 must be multiples of 64"):
     tuning.KernelConfig(16, 32, 64, kernel="frag")
-  with pytest.raises(ValueError, match="scale_w=1 must be 0 or 1, and 1 only for kernel 'frag'"):
+  with pytest.raises(ValueError, match="scale_w=1 must be 0, 1 or 2, and not 0 only for kernel 'frag'"):
     tuning.KernelConfig(16, 64, 64, scale_w=1)
 
 

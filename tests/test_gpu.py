@@ -203,7 +203,8 @@ FRAG_CONFIGS = [tuning.KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, 
                     (8, 64, 128, 1, 4, 3, 0), (8, 128, 128, 4, 4, 3, 1), (16, 64, 128, 3, 4, 3, 0),
                     (16, 64, 64, 8, 4, 4, 1), (32, 128, 128, 2, 8, 2, 1), (64, 128, 128, 1, 4, 3, 1),
                     (64, 64, 64, 5, 4, 4, 1), (128, 128, 64, 2, 8, 3, 1), (128, 256, 64, 1, 8, 4, 1),
-                    (256, 128, 64, 1, 8, 3, 1))]
+                    (256, 128, 64, 1, 8, 3, 1), (8, 128, 128, 4, 4, 3, 2), (16, 64, 128, 8, 4, 3, 2),
+                    (64, 128, 128, 1, 4, 3, 2), (128, 64, 64, 1, 4, 3, 2))]
 
 
 @pytest.mark.parametrize("cfg", FRAG_CONFIGS, ids=str)
@@ -244,7 +245,12 @@ def test_fragment_real_shapes_every_bucket(m, kn, dtype, symmetric):
                                                       scale_w=1)),  # 44 % once
     (4096, 6144, 64, "float16", tuning.KernelConfig(64, 128, 128, num_warps=8, num_stages=3, kernel="frag",
                                                     scale_w=1)),  # 0.4 - 13 % in session 7
-], ids=lambda c: f"{c[0]}x{c[1]}-m{c[2]}-{c[3]}")
+    # the same tiles with the scales read as int32 pairs (SCALE_W = 2, session 11)
+    (8192, 57344, 1, "bfloat16", tuning.KernelConfig(16, 128, 128, num_warps=4, num_stages=3, kernel="frag",
+                                                     scale_w=2)),
+    (4096, 6144, 64, "float16", tuning.KernelConfig(64, 128, 128, num_warps=8, num_stages=3, kernel="frag",
+                                                    scale_w=2)),
+], ids=lambda c: f"{c[0]}x{c[1]}-m{c[2]}-{c[3]}-sw{c[4].scale_w}")
 def test_frag_scaled_weights_do_not_race(case):
   """SCALE_W = 1 chains the accumulator through the K loop's dots; the kernel makes each step wait for its wgmmas
   (kernels/w4a16_frag.py).  Twenty launches of each config that raced without it."""

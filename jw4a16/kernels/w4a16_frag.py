@@ -20,8 +20,9 @@ Arguments as the other kernels (x, qweight, scales, qzeros, M, out, partials, lo
 Constexprs: N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_M, BLOCK_N, BLOCK_K (a multiple of 64 dividing K and the
 group), SPLIT_K, and
   SCALE_W: 1 applies the group's scale and zero to the weight tile in DTYPE before the dot (exact difference,
-    one rounding, as the reference), so the accumulator runs through the MMA chain untouched; 0 runs the dot on
-    B + q and corrects the fp32 accumulator after each K step: acc += (dot - (B + z) * rowsum(x)) * s.
+    one rounding, as the reference), so the accumulator runs through the MMA chain untouched; 2 the same with the
+    scales read as int32 pairs (see the K loop); 0 runs the dot on B + q and corrects the fp32 accumulator after
+    each K step: acc += (dot - (B + z) * rowsum(x)) * s.
   PTX: 1 on NVIDIA only, the unpacking's AND + OR as one inline-PTX LOP3 (ptxas does not fuse two immediates).
 """
 
@@ -184,8 +185,10 @@ def w4a16_frag_kernel(
   offs_k = tl.arange(0, BLOCK_K)
   acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
   k_begin = pid_k * K_SPLIT
-  # The group's scales and zero points.  SCALE_W = 1: loaded in the step as int32 pairs, which Triton's pipeliner
-  # stages with the words (cp.async).  SCALE_W = 0 (the scales feed the fp32 correction, not the dot, so the
+  # The group's scales and zero points.  SCALE_W = 1: loaded in the step, one 16-bit scale a thread (an ld.global
+  # the step waits for); SCALE_W = 2: as int32 pairs, which Triton's pipeliner stages with the words (cp.async).
+  # Neither wins everywhere (session 11: 2 ran 0.90 - 1.22x the speed of 1 on the table's picks), so it is tuned.
+  # SCALE_W = 0 (the scales feed the fp32 correction, not the dot, so the
   # pipeliner leaves them alone): loaded one step ahead into registers, which measured 0 - 7 % faster on 10 points
   # of session 10's A/B, where the same prefetch made SCALE_W = 1 tiles up to 57 % slower.  Group indices are
   # clamped to K's last group: a split that starts past K, and the last step's prefetch.
@@ -194,15 +197,15 @@ def w4a16_frag_kernel(
     s_nxt, zw_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k_begin, K - 1) // GROUP_SIZE, n0, offs_n,
                                   mask_n, N, HAS_ZP, DTYPE, BLOCK_N, 0)
   for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):  # a split may start past K: no steps
+    words = tl.load(w_tile + (w_offs + (k0 // 64) * (ROW_BLOCK * 8)), mask=mask_n[:, None], other=0)
+    xt = tl.load(x_cols + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
     if SCALE_W:
       s_cur, zw_cur = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, n0, offs_n, mask_n, N, HAS_ZP, DTYPE,
-                                    BLOCK_N, 1)
+                                    BLOCK_N, SCALE_W == 2)
     else:
       s_cur, zw_cur = s_nxt, zw_nxt
       s_nxt, zw_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE, n0,
                                     offs_n, mask_n, N, HAS_ZP, DTYPE, BLOCK_N, 0)
-    words = tl.load(w_tile + (w_offs + (k0 // 64) * (ROW_BLOCK * 8)), mask=mask_n[:, None], other=0)
-    xt = tl.load(x_cols + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
     acc = _group_step(acc, words, xt, s_cur, zw_cur, k0 // GROUP_SIZE, offs_n, HAS_ZP, ZP_BIAS, B, SCALE_W, PTX,
                       BLOCK_N, BLOCK_K)
 
