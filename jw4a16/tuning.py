@@ -309,15 +309,22 @@ def record_tuned(target_name: str, entries: dict[str, KernelConfig]) -> pathlib.
 # Measured on H100 (docs/performance.md): from this M on, XLA's one-pass dequantization to a bf16 weight plus
 # cuBLAS beats the fused kernel, whose in-loop dequantization competes with the tensor cores for issue slots.
 DENSE_FROM_M = {"h100": 512, "h200": 512}
+# Groups of fewer than 64 rows (group 32): the kernels' K step clamps to the group, and the fragment packing does
+# not take them, so the GPTQ-packing tile kernel runs them; at M = 256 it took 1.36 - 2.66x this route's time on
+# the three shapes measured (session 11, docs/performance.md).
+DENSE_FROM_M_SMALL_GROUP = {"h100": 256, "h200": 256}
+SMALL_GROUP = 64
 
 
-def use_dequant_gemm(m: int, target: Target) -> bool:
+def use_dequant_gemm(m: int, target: Target, group_size: int | None = None) -> bool:
   """Whether M is large enough that dequantize-then-GEMM beats the fused kernel on this target, for both packings
-  (on the fragment packing session 7 found the routes within 6 % of each other at M = 512 - 2048);
+  (on the fragment packing session 7 found the routes within 6 % of each other at M = 512 - 2048), earlier for
+  groups under SMALL_GROUP rows (group_size resolved: -1 already replaced by K);
   $JW4A16_DENSE_FROM_M overrides it, for measuring the two routes against each other."""
   if os.environ.get("JW4A16_DENSE_FROM_M"):
     return m >= int(os.environ["JW4A16_DENSE_FROM_M"])
-  return m >= DENSE_FROM_M.get(target.name, 1 << 62)
+  table = DENSE_FROM_M_SMALL_GROUP if group_size is not None and group_size < SMALL_GROUP else DENSE_FROM_M
+  return m >= table.get(target.name, 1 << 62)
 
 
 def legalize(cfg: KernelConfig, k: int, group_size: int) -> KernelConfig:

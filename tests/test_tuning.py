@@ -144,3 +144,30 @@ def test_gemv_heuristic_splits_to_four_programs_per_sm_at_most_32(kn):
   assert c.split_k <= 32 and k // c.split_k >= c.block_k * c.k_lanes
   assert programs >= 4 * tuning.H100.num_sms or c.split_k == 32 or k // (2 * c.split_k) < c.block_k * c.k_lanes
   assert c.split_k == 1 or programs // 2 < 4 * tuning.H100.num_sms  # never a split more than needed
+
+
+def test_dequant_route_starts_earlier_for_small_groups(monkeypatch):
+  monkeypatch.delenv("JW4A16_DENSE_FROM_M", raising=False)
+  h100 = tuning.H100
+  assert not tuning.use_dequant_gemm(511, h100, 128) and tuning.use_dequant_gemm(512, h100, 128)
+  assert not tuning.use_dequant_gemm(255, h100, 32) and tuning.use_dequant_gemm(256, h100, 32)
+  assert not tuning.use_dequant_gemm(256, h100, 64) and not tuning.use_dequant_gemm(256, h100)
+  monkeypatch.setenv("JW4A16_DENSE_FROM_M", "16")
+  assert tuning.use_dequant_gemm(16, h100, 128) and not tuning.use_dequant_gemm(15, h100, 32)
+
+
+def test_launch_takes_the_dequant_route_for_group_32_at_m256(monkeypatch):
+  """ops._launch answers through XLA (no Triton import) where use_dequant_gemm says so."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from jw4a16 import ops  # noqa: PLC0415
+  from tests.helpers import assert_close, make_weights, make_x  # noqa: PLC0415
+
+  monkeypatch.delenv("JW4A16_DENSE_FROM_M", raising=False)
+  monkeypatch.setattr(ops, "current_target", lambda: tuning.H100)
+  k, n = 256, 64
+  qw, s, _, _, w = make_weights(k, n, 32)
+  x = make_x((256, k))
+  out = ops._launch(jnp.asarray(x), jnp.asarray(qw), jnp.asarray(s), None, group_size=32, zp_bias=8, config=None)
+  assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
