@@ -3,6 +3,7 @@ against main:
 
   git show main:jw4a16/kernels/w4a16_frag.py > frag_main.py     # on the branch, in the repo root (untracked)
   python scripts/frag_ab.py --old frag_main.py --shapes 8192x57344,4096x28672 --ms 1,16,64 --out ab.json
+  python scripts/frag_ab.py --old frag_main.py --asym ...    # weights with zero points, the asymmetric picks
 
 "old" is the kernel source file given, "new" the working tree's jw4a16/kernels/w4a16_frag.py.  Each point times the
 table's pick (and, at M <= 16, the same tile with one more pipeline stage) over R weight copies that exceed twice
@@ -44,30 +45,31 @@ def main(argv=None):
   p.add_argument("--shapes", default="8192x57344,4096x28672,28672x8192,8192x10240,14336x4096,4096x6144")
   p.add_argument("--ms", default="1,16,64,256")
   p.add_argument("--out", default=None)
+  p.add_argument("--asym", action="store_true", help="weights with zero points (the table's asymmetric picks)")
   a = p.parse_args(argv)
   kernels = {"old": load_kernel(a.old), "new": w4a16_frag.w4a16_frag_kernel}
   rows = []
   for shape in a.shapes.split(","):
     k, n = map(int, shape.split("x"))
     r = max(8, math.ceil(2 * 50 * 2**20 / (k * n / 2)) + 1)
-    raw = [make(k, n, 128, torch.bfloat16, False) for _ in range(r)]
-    w = dequant(raw[0][0], raw[0][1], None, 128).float()
-    sets = [(torch.from_numpy(to_fragment_packed(qw.cpu().numpy())).cuda(), s) for qw, s, _ in raw]
+    raw = [make(k, n, 128, torch.bfloat16, a.asym) for _ in range(r)]
+    w = dequant(*raw[0], 128).float()
+    sets = [(torch.from_numpy(to_fragment_packed(qw.cpu().numpy())).cuda(), s, qz) for qw, s, qz in raw]
     del raw
     for m in map(int, a.ms.split(",")):
       x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
       ref = x.float() @ w
-      pick = select_config(m, k, n, 128, "bfloat16", False, packing="fragment")
+      pick = select_config(m, k, n, 128, "bfloat16", a.asym, packing="fragment")
       for cfg in [pick] + ([dataclasses.replace(pick, num_stages=pick.num_stages + 1)] if m <= 16 else []):
         res = {}
         for name, kernel in kernels.items():
-          out = launch(cfg, x, *sets[0], None, 128, kernel)
+          out = launch(cfg, x, *sets[0], 128, kernel)
           err = ((out.float() - ref).norm() / ref.norm()).item()
           us = triton.testing.do_bench_cudagraph(
-              lambda cfg=cfg, kernel=kernel: [launch(cfg, x, qw, s, None, 128, kernel) for qw, s in sets],
+              lambda cfg=cfg, kernel=kernel: [launch(cfg, x, *ws, 128, kernel) for ws in sets],
               return_mode="median") * 1e3 / r
           res[name] = (us, err)
-        rows.append(dict(k=k, n=n, m=m, config=cfg.to_json(), old_us=res["old"][0], new_us=res["new"][0],
+        rows.append(dict(k=k, n=n, m=m, asym=a.asym, config=cfg.to_json(), old_us=res["old"][0], new_us=res["new"][0],
                          old_err=res["old"][1], new_err=res["new"][1]))
         print(f"{k}x{n} M={m:4d} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} "
               f"st{cfg.num_stages} sw{cfg.scale_w}: old {res['old'][0]:7.1f} new {res['new'][0]:7.1f} us "
