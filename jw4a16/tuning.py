@@ -245,10 +245,11 @@ def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
   (shape, M) points, 50 % at worst): 8- to 32-row tiles of x against 64 weight columns, scaled weights
   (SCALE_W = 1), split along K until about 4 programs per SM, up to M = 32; 64 x 128 tiles at
   M = 64; 128 x 128 to M = 256 and 128 x 256 beyond.  Other targets (not measured; the packing is tailored to
-  Hopper's wgmma) get the same shapes but 64 columns at M = 64.  From M = 32 to 256 (what was measured) on H100 /
-  H200 the scales are read as int32 pairs (SCALE_W = 2): session 11's re-pick sweep found them fastest at every M = 32 and 64 point of its
-  seven shapes and at 12 of 14 at M = 128 - 256, but 2 - 23 % slower than SCALE_W = 1 on the 8-row, 64-column
-  tiles at M = 2 - 8 (benchmarks/results/sweep-frag-repick-h100-2026-11-26-s11.json)."""
+  Hopper's wgmma) get the same shapes but 64 columns at M = 64.  From M = 32 to 256 (what was measured) on
+  H100 / H200 the scales are read as int32 pairs (SCALE_W = 2): session 11's re-pick sweep found them fastest at
+  every M = 32, 64 and 128 point of its seven shapes and at 6 of 7 at M = 256, but 2 - 23 % slower than
+  SCALE_W = 1 on the 8-row, 64-column tiles at M = 2 - 8
+  (benchmarks/results/sweep-frag-repick-h100-2026-11-26-s11.json)."""
   del group_size  # select_config legalizes block_k against it
   if m <= 32:
     bm, bn, bk, warps, stages, programs = (8 if m <= 8 else 16 if m <= 16 else 32), 64, 128, 4, 3, 512
