@@ -9,7 +9,8 @@ up to tuning.GEMV_MAX_M whose best row comes from another sweep is left out of t
 gemv heuristic answers it rather than a tile config that the current gemv kernel may beat.
 
 --frag SWEEP ...: instead, rewrite only the table's packing="fragment" entries (keys ending in _frag) from these
-sweeps of the frag kernel (measured M buckets only), keeping every other entry as it is:
+sweeps of the frag kernel (measured M buckets only; rows of `sweep.py --asym` for the keys with zero points),
+keeping every other entry as it is:
 
   python scripts/make_table.py h100 --frag benchmarks/results/sweep-frag-h100-2026-11-26-s7.json
 """
@@ -72,11 +73,13 @@ def main():
 COMPILE_TARGET = {"h100": "sm90"}  # where frag_entries checks its picks for register spills
 
 
-def spill_bytes(jobs: list[tuple[KernelConfig, int, int, int]], group: int, target: str) -> list[int]:
+def spill_bytes(jobs: list[tuple[KernelConfig, int, int, int]], group: int, target: str,
+                has_zp: list[bool] | None = None) -> list[int]:
   """Register spill bytes of the frag kernel for each (config, K, N, M) on `target` (compiled in a subprocess:
-  the tests may import this module under TRITON_INTERPRET=1)."""
+  the tests may import this module under TRITON_INTERPRET=1), with zero points where has_zp says so."""
+  has_zp = has_zp or [False] * len(jobs)
   specs = [dict(meta=cfg.meta(), n=n, k=k, group_size=group, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                kernel="frag", m_is_one=m == 1) for cfg, k, n, m in jobs]
+                kernel="frag", m_is_one=m == 1, has_zp=zp) for (cfg, k, n, m), zp in zip(jobs, has_zp)]
   reports = compile_in_subprocess(target, specs)
   for (cfg, k, n, _), rep in zip(jobs, reports):
     if "error" in rep:
@@ -85,29 +88,36 @@ def spill_bytes(jobs: list[tuple[KernelConfig, int, int, int]], group: int, targ
 
 
 def frag_entries(gpu: str, sweeps: list[str], group: int):
-  """The fastest frag config per measured (K, N, M bucket), for all four dtype / symmetry keys (the sweeps
-  measure bf16 symmetric), merged into configs/<gpu>.json in place of its old _frag entries.  As for the other
-  entries, a later sweep's (K, N, M) rows replace earlier sweeps' (a re-measured point after a kernel change).
-  Tiles past tuning.frag_acc_fits are left out, and on GPUs in COMPILE_TARGET so is any config that spills
-  registers there (the fastest that does not is tabled; tests/test_compile.py holds dispatchable configs to that)."""
-  rows = {}
+  """The fastest frag config per measured (K, N, M bucket) and symmetry, for both dtypes (the sweeps measure
+  bf16), merged into configs/<gpu>.json in place of its old _frag entries.  Rows of symmetric weights (no "asym"
+  field, or false) fill the symmetric keys, and the keys with zero points where no sweep measured those
+  (rows with "asym": true, from scripts/sweep.py --asym).  As for the other entries, a later sweep's (K, N, M)
+  rows replace earlier sweeps' of the same symmetry (a re-measured point after a kernel change).  Tiles past
+  tuning.frag_acc_fits are left out, and on GPUs in COMPILE_TARGET so is any config that spills registers there,
+  compiled with zero points for the asymmetric keys (the fastest that does not is tabled; tests/test_compile.py
+  holds dispatchable configs to that)."""
+  measured = {False: {}, True: {}}  # asym -> {(K, N, M): rows}
   for path in sweeps:
     found = [r for r in json.loads(pathlib.Path(path).read_text()) if r["config"].get("kernel") == "frag"
              and r["m"] in BUCKETS and frag_acc_fits(KernelConfig(**r["config"]))]
-    for key in {(r["k"], r["n"], r["m"]) for r in found}:
-      rows[key] = []
-    for r in found:
-      rows[(r["k"], r["n"], r["m"])].append(r)
+    for asym in (False, True):
+      mine = [r for r in found if bool(r.get("asym")) == asym]
+      for key in {(r["k"], r["n"], r["m"]) for r in mine}:
+        measured[asym][key] = [r for r in mine if (r["k"], r["n"], r["m"]) == key]
+  rows = {(*key, False): found for key, found in measured[False].items()}
+  rows.update({(*key, True): found for key, found in measured[False].items()})
+  rows.update({(*key, True): found for key, found in measured[True].items()})
   order = {key: sorted(found, key=lambda r: r["us"]) for key, found in rows.items()}
   best = {key: found[0] for key, found in order.items()}
   unchecked = sorted(best) if gpu in COMPILE_TARGET else []
   while unchecked:  # compile each point's fastest; where it spills, the next fastest
-    jobs = [(legalize(KernelConfig(**best[key]["config"]), key[0], group), *key) for key in unchecked]
-    spilled = [(key, job) for key, job, b in zip(unchecked, jobs, spill_bytes(jobs, group, COMPILE_TARGET[gpu])) if b]
+    jobs = [(legalize(KernelConfig(**best[key]["config"]), key[0], group), *key[:3]) for key in unchecked]
+    spills = spill_bytes(jobs, group, COMPILE_TARGET[gpu], [key[3] for key in unchecked])
+    spilled = [(key, job) for key, job, b in zip(unchecked, jobs, spills) if b]
     unchecked = []
     for key, (cfg, *_) in spilled:
-      print(f"K={key[0]} N={key[1]} M={key[2]}: {best[key]['us']:.1f} us config spills on {COMPILE_TARGET[gpu]}, "
-            f"not tabled: {cfg}")
+      print(f"K={key[0]} N={key[1]} M={key[2]}{' asym' if key[3] else ''}: {best[key]['us']:.1f} us config spills "
+            f"on {COMPILE_TARGET[gpu]}, not tabled: {cfg}")
       order[key].pop(0)
       if order[key]:
         best[key] = order[key][0]
@@ -117,14 +127,13 @@ def frag_entries(gpu: str, sweeps: list[str], group: int):
   out = CONFIG_DIR / f"{gpu}.json"
   doc = json.loads(out.read_text())
   table = {key: cfg for key, cfg in doc["configs"].items() if not key.endswith("_frag")}
-  for (k, n, m), r in sorted(best.items()):
+  for (k, n, m, has_zp), r in sorted(best.items()):
     cfg = legalize(KernelConfig(**r["config"]), k, group)
     for dtype in ("bfloat16", "float16"):
-      for has_zp in (False, True):
-        table[table_key(m, k, n, group, dtype, has_zp, "fragment")] = cfg.to_json()
+      table[table_key(m, k, n, group, dtype, has_zp, "fragment")] = cfg.to_json()
   doc.update(configs=table, frag_source=" ".join(sweeps))
   out.write_text(json.dumps(doc, indent=1, sort_keys=True))
-  print(f"wrote {len(best) * 4} _frag entries ({len(table)} in all) to {out}")
+  print(f"wrote {len(best) * 2} _frag entries ({len(table)} in all) to {out}")
 
 
 if __name__ == "__main__":

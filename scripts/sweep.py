@@ -138,7 +138,7 @@ def main():
           print("FAIL", cfg, str(e)[:200])
           continue
         rows.append((us, cfg))
-        results.append(dict(k=k, n=n, m=m, us=us, dense_us=dense_us, floor_us=floor_us, err=err,
+        results.append(dict(k=k, n=n, m=m, asym=a.asym, us=us, dense_us=dense_us, floor_us=floor_us, err=err,
                             config=cfg.to_json(), heuristic=cfg == h, compile_s=time.time() - t0))
       rows.sort(key=lambda r: r[0])
       hus = [r[0] for r in rows if r[1] == h]

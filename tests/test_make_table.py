@@ -35,3 +35,24 @@ def test_frag_entries_replace_and_skip_spills(tmp_path, monkeypatch):
     for has_zp in (False, True):
       got = tuning.KernelConfig(**table[tuning.table_key(256, k, n, 128, dtype, has_zp, "fragment")])
       assert got == tuning.legalize(clean, k, 128)
+
+
+def test_frag_entries_asymmetric_rows_fill_the_zero_point_keys(tmp_path, monkeypatch):
+  """Rows of an --asym sweep fill the keys with zero points, whichever sweep comes last; symmetric rows the rest."""
+  spec = importlib.util.spec_from_file_location("make_table", SCRIPT)
+  make_table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make_table)
+  shutil.copy(tuning.CONFIG_DIR / "h100.json", tmp_path / "h100.json")
+  monkeypatch.setattr(make_table, "CONFIG_DIR", tmp_path)
+  k, n = 4096, 6144
+  sym = tuning.KernelConfig(16, 64, 128, split_k=8, num_stages=3, kernel="frag", scale_w=2)
+  asym = tuning.KernelConfig(16, 128, 128, split_k=8, num_stages=3, kernel="frag", scale_w=1)
+  asym_sweep = tmp_path / "asym.json"
+  asym_sweep.write_text(json.dumps([dict(_row(k, n, 16, 20.0, asym), asym=True)]))
+  sym_sweep = tmp_path / "sym.json"
+  sym_sweep.write_text(json.dumps([dict(_row(k, n, 16, 10.0, sym), asym=False)]))
+  make_table.frag_entries("h100", [str(asym_sweep), str(sym_sweep)], 128)
+  table = json.loads((tmp_path / "h100.json").read_text())["configs"]
+  for dtype in ("bfloat16", "float16"):
+    assert tuning.KernelConfig(**table[tuning.table_key(16, k, n, 128, dtype, False, "fragment")]) == sym
+    assert tuning.KernelConfig(**table[tuning.table_key(16, k, n, 128, dtype, True, "fragment")]) == asym
