@@ -100,10 +100,11 @@ def frag_entries(gpu: str, sweeps: list[str], group: int):
   for path in sweeps:
     found = [r for r in json.loads(pathlib.Path(path).read_text()) if r["config"].get("kernel") == "frag"
              and r["m"] in BUCKETS and frag_acc_fits(KernelConfig(**r["config"]))]
-    for asym in (False, True):
-      mine = [r for r in found if bool(r.get("asym")) == asym]
-      for key in {(r["k"], r["n"], r["m"]) for r in mine}:
-        measured[asym][key] = [r for r in mine if (r["k"], r["n"], r["m"]) == key]
+    fresh = {False: {}, True: {}}
+    for r in found:
+      fresh[bool(r.get("asym"))].setdefault((r["k"], r["n"], r["m"]), []).append(r)
+    for asym, points in fresh.items():
+      measured[asym].update(points)
   rows = {(*key, False): found for key, found in measured[False].items()}
   rows.update({(*key, True): found for key, found in measured[False].items()})
   rows.update({(*key, True): found for key, found in measured[True].items()})

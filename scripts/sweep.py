@@ -111,17 +111,16 @@ def main():
       floor_us = max((k * n / 2 + s.numel() * 2 + m * (k + n) * 2) / bw, 2 * m * n * k / 780e12) * 1e6
       dense_us = triton.testing.do_bench_cudagraph(lambda: [x @ d for d in dense],
                                                    return_mode="median") * 1e3 / len(dense)
-      if a.packing == "fragment":
-        cands = frag_candidates(m, k, n, a.group)
-      else:
-        cands = (gemv_candidates if a.kinds == "gemv" else candidate_configs)(m, k, n, a.group)
       h = select_config(m, k, n, a.group, a.dtype, a.asym, packing=a.packing)  # today's pick: the baseline
-      # the current pick, the seeds' fastest, then an even spread over the rest
-      first = list(dict.fromkeys([h] + [c for _, c in sorted(seeds.get((k, n, m), []), key=lambda t: t[0])[:a.top]]))
-      rest = [c for c in cands if c not in first]
       if a.around_pick:
         cands = list(dict.fromkeys([h] + around_pick(h, m)))
-      else:
+      else:  # the current pick, the seeds' fastest, then an even spread over the rest
+        if a.packing == "fragment":
+          cands = frag_candidates(m, k, n, a.group)
+        else:
+          cands = (gemv_candidates if a.kinds == "gemv" else candidate_configs)(m, k, n, a.group)
+        first = list(dict.fromkeys([h] + [c for _, c in sorted(seeds.get((k, n, m), []), key=lambda t: t[0])[:a.top]]))
+        rest = [c for c in cands if c not in first]
         cands = first + random.Random(m * 7919 + k).sample(rest, min(a.max_configs, len(rest)))
       rows = []
       for cfg in cands:

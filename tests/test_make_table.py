@@ -6,6 +6,8 @@ import json
 import pathlib
 import shutil
 
+import pytest
+
 from jw4a16 import tuning
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "make_table.py"
@@ -15,12 +17,18 @@ def _row(k, n, m, us, cfg):
   return dict(k=k, n=n, m=m, us=us, config=cfg.to_json())
 
 
-def test_frag_entries_replace_and_skip_spills(tmp_path, monkeypatch):
+@pytest.fixture
+def make_table(tmp_path, monkeypatch):
+  """scripts/make_table.py as a module, writing into a copy of the shipped H100 table under tmp_path."""
   spec = importlib.util.spec_from_file_location("make_table", SCRIPT)
-  make_table = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(make_table)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
   shutil.copy(tuning.CONFIG_DIR / "h100.json", tmp_path / "h100.json")
-  monkeypatch.setattr(make_table, "CONFIG_DIR", tmp_path)
+  monkeypatch.setattr(module, "CONFIG_DIR", tmp_path)
+  return module
+
+
+def test_frag_entries_replace_and_skip_spills(tmp_path, make_table):
   k, n = 4096, 28672
   spilling = tuning.KernelConfig(128, 128, 128, num_warps=4, num_stages=3, kernel="frag", scale_w=1)  # 24 - 44 B
   clean = tuning.KernelConfig(128, 64, 64, num_warps=4, num_stages=3, kernel="frag", scale_w=1)
@@ -37,13 +45,8 @@ def test_frag_entries_replace_and_skip_spills(tmp_path, monkeypatch):
       assert got == tuning.legalize(clean, k, 128)
 
 
-def test_frag_entries_asymmetric_rows_fill_the_zero_point_keys(tmp_path, monkeypatch):
+def test_frag_entries_asymmetric_rows_fill_the_zero_point_keys(tmp_path, make_table):
   """Rows of an --asym sweep fill the keys with zero points, whichever sweep comes last; symmetric rows the rest."""
-  spec = importlib.util.spec_from_file_location("make_table", SCRIPT)
-  make_table = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(make_table)
-  shutil.copy(tuning.CONFIG_DIR / "h100.json", tmp_path / "h100.json")
-  monkeypatch.setattr(make_table, "CONFIG_DIR", tmp_path)
   k, n = 4096, 6144
   sym = tuning.KernelConfig(16, 64, 128, split_k=8, num_stages=3, kernel="frag", scale_w=2)
   asym = tuning.KernelConfig(16, 128, 128, split_k=8, num_stages=3, kernel="frag", scale_w=1)

@@ -188,10 +188,10 @@ def w4a16_frag_kernel(
   # The group's scales and zero points.  SCALE_W = 1: loaded in the step, one 16-bit scale a thread (an ld.global
   # the step waits for); SCALE_W = 2: as int32 pairs, which Triton's pipeliner stages with the words (cp.async).
   # Neither wins everywhere (session 11: 2 ran 0.90 - 1.22x the speed of 1 on the table's picks), so it is tuned.
-  # SCALE_W = 0 (the scales feed the fp32 correction, not the dot, so the
-  # pipeliner leaves them alone): loaded one step ahead into registers, which measured 0 - 7 % faster on 10 points
-  # of session 10's A/B, where the same prefetch made SCALE_W = 1 tiles up to 57 % slower.  Group indices are
-  # clamped to K's last group: a split that starts past K, and the last step's prefetch.
+  # SCALE_W = 0 (the scales feed the fp32 correction, not the dot, so the pipeliner leaves them alone): loaded one
+  # step ahead into registers, which measured 0 - 7 % faster on 10 points of session 10's A/B, where the same
+  # prefetch made SCALE_W = 1 tiles up to 57 % slower.  Group indices are clamped to K's last group: a split that
+  # starts past K, and the last step's prefetch.
   n0 = pid_n * BLOCK_N
   if not SCALE_W:
     s_nxt, zw_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k_begin, K - 1) // GROUP_SIZE, n0, offs_n,
