@@ -80,7 +80,7 @@ def _k_order(b0, b1, b2, b3, BN: tl.constexpr, BK: tl.constexpr):
 @triton.jit
 def _group_params(scales_ptr, qzeros_ptr, g, n0, offs_n, mask_n, N: tl.constexpr, HAS_ZP: tl.constexpr,
                   DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr):
-  """Group g's scales [BLOCK_N] (columns n0 + offs) and, with HAS_ZP, its packed zero-point words [BLOCK_N] (else
+  """Group g's scales [BLOCK_N] (columns n0 + offs) and, with HAS_ZP, its zero points [BLOCK_N] int32 (else
   zeros).  PAIRS: the scales are read as int32 pairs (N is even): Triton's pipeliner stages a load through shared
   memory (cp.async) only if each thread's piece is at least 32 bits, and one 16-bit scale a thread stayed an
   ld.global in the K loop that the step waited for (docs/performance.md, session 10)."""
@@ -91,22 +91,25 @@ def _group_params(scales_ptr, qzeros_ptr, g, n0, offs_n, mask_n, N: tl.constexpr
     s = tl.reshape(_halves(pairs, DTYPE), (BLOCK_N,))  # columns 2 i and 2 i + 1 from pair i
   else:
     s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
-  if HAS_ZP:
-    zw = tl.load(qzeros_ptr + g * (N // 8) + offs_n // 8, mask=mask_n, other=0)
+  if HAS_ZP:  # per pair of columns, as the scales: the pair's packed word, its two nibbles joined
+    offs_p = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+    zw = tl.load(qzeros_ptr + g * (N // 8) + offs_p // 4, mask=offs_p < N // 2, other=0)
+    sh = (offs_p % 4) * 8
+    zq = tl.reshape(tl.join((zw >> sh) & 0xF, (zw >> (sh + 4)) & 0xF), (BLOCK_N,))
   else:
-    zw = tl.zeros_like(offs_n)
-  return s, zw
+    zq = tl.zeros_like(offs_n)
+  return s, zq
 
 
 @triton.jit
-def _group_step(acc, words, xt, s, zw, g, offs_n, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr, B: tl.constexpr,
+def _group_step(acc, words, xt, s, zq, g, offs_n, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr, B: tl.constexpr,
                 SCALE_W: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
   """acc [BLOCK_N, BLOCK_M] += W^T x^T over BK values of K inside group g: words [BLOCK_N, BK // 8] (a step's
-  words of each column), xt [BK, BLOCK_M], s and zw the group's _group_params."""
+  words of each column), xt [BK, BLOCK_M], s and zq the group's _group_params."""
   DTYPE: tl.constexpr = xt.dtype
   s = s[:, None]
   if HAS_ZP:
-    zq = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)[:, None]
+    zq = zq.to(tl.float32)[:, None]
   else:
     zq = tl.full((BLOCK_N, 1), ZP_BIAS, dtype=tl.float32)
   if SCALE_W:  # w = (B + q - (B + z)) * s in DTYPE (exact difference, one rounding), then a plain accumulating dot
@@ -194,19 +197,19 @@ def w4a16_frag_kernel(
   # starts past K, and the last step's prefetch.
   n0 = pid_n * BLOCK_N
   if not SCALE_W:
-    s_nxt, zw_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k_begin, K - 1) // GROUP_SIZE, n0, offs_n,
+    s_nxt, zq_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k_begin, K - 1) // GROUP_SIZE, n0, offs_n,
                                   mask_n, N, HAS_ZP, DTYPE, BLOCK_N, 0)
   for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):  # a split may start past K: no steps
     words = tl.load(w_tile + (w_offs + (k0 // 64) * (ROW_BLOCK * 8)), mask=mask_n[:, None], other=0)
     xt = tl.load(x_cols + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
     if SCALE_W:
-      s_cur, zw_cur = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, n0, offs_n, mask_n, N, HAS_ZP, DTYPE,
+      s_cur, zq_cur = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, n0, offs_n, mask_n, N, HAS_ZP, DTYPE,
                                     BLOCK_N, SCALE_W == 2)
     else:
-      s_cur, zw_cur = s_nxt, zw_nxt
-      s_nxt, zw_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE, n0,
+      s_cur, zq_cur = s_nxt, zq_nxt
+      s_nxt, zq_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE, n0,
                                     offs_n, mask_n, N, HAS_ZP, DTYPE, BLOCK_N, 0)
-    acc = _group_step(acc, words, xt, s_cur, zw_cur, k0 // GROUP_SIZE, offs_n, HAS_ZP, ZP_BIAS, B, SCALE_W, PTX,
+    acc = _group_step(acc, words, xt, s_cur, zq_cur, k0 // GROUP_SIZE, offs_n, HAS_ZP, ZP_BIAS, B, SCALE_W, PTX,
                       BLOCK_N, BLOCK_K)
 
   if SCALE_W:
