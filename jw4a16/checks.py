@@ -49,8 +49,9 @@ def _dt(a) -> str:
 
 
 def fragment_fits(k: int, group_size: int) -> bool:
-  """K and the resolved group size G fit the fragment packing's 64-value blocks."""
-  return k % FRAGMENT_BLOCK == 0 and group_size % FRAGMENT_BLOCK == 0
+  """K and the resolved group size G fit the fragment packing's 64-value blocks: G a multiple of them, or half of
+  one (group 32: the frag kernel scales each half of a block with its own group)."""
+  return k % FRAGMENT_BLOCK == 0 and (group_size % FRAGMENT_BLOCK == 0 or group_size == FRAGMENT_BLOCK // 2)
 
 
 def check_packing(packing, k: int, group_size: int) -> None:
@@ -58,8 +59,9 @@ def check_packing(packing, k: int, group_size: int) -> None:
   if packing not in PACKINGS:
     raise ValueError(f"packing={packing!r} must be one of {PACKINGS}")
   if packing == "fragment" and not fragment_fits(k, group_size):
-    raise ValueError(f"packing='fragment' needs K and group_size to be multiples of {FRAGMENT_BLOCK}, got K={k}, "
-                     f"group_size={group_size}; keep packing='gptq' for this weight")
+    raise ValueError(f"packing='fragment' needs K to be a multiple of {FRAGMENT_BLOCK} and group_size a multiple of "
+                     f"it or {FRAGMENT_BLOCK // 2}, got K={k}, group_size={group_size}; keep packing='gptq' for this "
+                     "weight")
 
 
 def check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx=None, perm=None,

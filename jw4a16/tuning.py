@@ -250,7 +250,7 @@ def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
   every M = 32, 64 and 128 point of its seven shapes and at 6 of 7 at M = 256, but 2 - 23 % slower than
   SCALE_W = 1 on the 8-row, 64-column tiles at M = 2 - 8
   (benchmarks/results/sweep-frag-repick-h100-2026-11-26-s11.json)."""
-  del group_size  # select_config legalizes block_k against it
+  # select_config legalizes block_k against the group
   if m <= 32:
     bm, bn, bk, warps, stages, programs = (8 if m <= 8 else 16 if m <= 16 else 32), 64, 128, 4, 3, 512
   elif m <= 64:  # elsewhere 64 columns: a 128 x 64 fp32 tile on 4 warps spills without wgmma (sm_80, gfx942)
@@ -261,7 +261,10 @@ def frag_heuristic(m: int, k: int, n: int, group_size: int, target: Target = H10
     bm, bn, bk, warps, stages, programs = 128, 256, 64, 8, 4, 1
   tiles = math.ceil(m / bm) * math.ceil(n / bn)
   split = _split_k(target, tiles, k, 2 * bk, programs / target.num_sms, max_split=32)
-  scale_w = 2 if 16 < m <= 256 and target.name in FRAGMENT_TARGETS else 1
+  # groups of 32 (two per step) read their scales as pairs at every M: not measured, but SCALE_W = 1 would leave
+  # four 16-bit loads a step outside the pipeline (sm_90 compiles)
+  pairs = 16 < m <= 256 or group_size == 32
+  scale_w = 2 if pairs and target.name in FRAGMENT_TARGETS else 1
   return KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, num_stages=stages, kernel="frag", scale_w=scale_w)
 
 
@@ -334,7 +337,10 @@ def use_dequant_gemm(m: int, target: Target, group_size: int | None = None) -> b
 
 def legalize(cfg: KernelConfig, k: int, group_size: int) -> KernelConfig:
   """The kernels need BLOCK_K to divide the group (each K step inside one group); clamp block_k to G.  The frag
-  kernel also needs it to divide K (K is a multiple of 64 there)."""
+  kernel also needs it to divide K (K is a multiple of 64 there), and takes groups of 32 as two halves of a
+  64-deep step with the weights scaled before the dot (block_k 64, scale_w 1 or 2)."""
+  if cfg.kernel == "frag" and group_size == 32 < k:
+    return dataclasses.replace(cfg, block_k=64, scale_w=cfg.scale_w or 1)
   if group_size < k and cfg.block_k > group_size:
     return dataclasses.replace(cfg, block_k=group_size)
   if cfg.kernel == "frag" and k % cfg.block_k:
@@ -343,7 +349,11 @@ def legalize(cfg: KernelConfig, k: int, group_size: int) -> KernelConfig:
 
 
 def check_config(cfg: KernelConfig, k: int, group_size: int) -> None:
-  if group_size < k and group_size % cfg.block_k:
+  if cfg.kernel == "frag" and group_size == 32 < k:
+    if cfg.block_k != 64 or not cfg.scale_w:
+      raise ValueError(f"config block_k={cfg.block_k}, scale_w={cfg.scale_w}: the frag kernel takes group_size=32 "
+                       "with block_k=64 and scale_w 1 or 2")
+  elif group_size < k and group_size % cfg.block_k:
     raise ValueError(f"config block_k={cfg.block_k} must divide group_size={group_size}")
 
 

@@ -58,7 +58,13 @@ JOBS = {t: [(c, k, n, g, dtype, zp, m == 1) for c, k, n, m in dispatchable(t)
            # its scales read as int32 pairs (SCALE_W = 2), whether or not a pick uses them
            [(tuning.KernelConfig(bm, bn, 128, split_k=2, num_stages=3, kernel="frag", scale_w=2), 4096, 28672, 128,
              dtype, zp, bm == 8) for bm, bn, dtype, zp in ((8, 128, "bfloat16", False), (64, 64, "float16", True))
-            if not t.startswith("gfx")]  # an NVIDIA pipeliner's option: AMD stages loads by its own rules
+            if not t.startswith("gfx")] +  # an NVIDIA pipeliner's option: AMD stages loads by its own rules
+           # groups of 32 on the fragment packing: two per 64-deep step
+           [(tuning.KernelConfig(bm, bn, 64, split_k=4, num_stages=3, kernel="frag", scale_w=sw), 4096, 6144, 32,
+             dtype, zp, bm == 8) for bm, bn, sw, dtype, zp in ((8, 64, 2, "bfloat16", False),
+                                                               (64, 128, 2, "float16", True),
+                                                               (16, 64, 1, "bfloat16", True))
+            if not t.startswith("gfx")]
         for t in TARGETS}
 
 

@@ -50,6 +50,31 @@ def test_frag_kernel(kng, bm, bk, split, dtype, symmetric, scale_w):
   assert_close(out.float().numpy(), np.asarray(x, np.float64) @ w, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("n,split,scale_w", [(72, 1, 1), (136, 3, 2), (64, 2, 2)])
+def test_frag_kernel_groups_of_32(n, split, scale_w, dtype, symmetric):
+  """Groups of 32: pieces 0 - 1 of each 64-value block take the first group's scale and zero, 2 - 3 the second's."""
+  from jw4a16.kernels.w4a16_frag import w4a16_frag_kernel  # noqa: PLC0415
+  from tests.interpret import _torch, patch_interpreter  # noqa: PLC0415
+
+  patch_interpreter()
+  k, g, bm, bn = 256, 32, 16, 64
+  qw, s, qz, _, w = make_weights(k, n, g, symmetric=symmetric, dtype=dtype)
+  x = np.asarray(make_x((bm + 3, k), dtype))
+  m = x.shape[0]
+  out = torch.full((m, n), float("nan"), dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
+  partials = torch.full((split, m, n) if split > 1 else (1,), float("nan"))
+  grid = (-(-m // bm) * -(-n // bn), split)
+  locks = torch.zeros(grid[0] if split > 1 else 1, dtype=torch.int32)
+  st = _torch(s)
+  w4a16_frag_kernel[grid](_torch(x), _torch(layout.to_fragment_packed(np.asarray(qw))), st,
+                          st if qz is None else _torch(qz), m, out, partials, locks, N=n, K=k, GROUP_SIZE=g,
+                          HAS_ZP=qz is not None, ZP_BIAS=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=split,
+                          SCALE_W=scale_w)
+  assert_close(out.float().numpy(), np.asarray(x, np.float64) @ w, dtype)
+
+
 def test_kernel_block_of_columns_is_the_packings():
   from jw4a16 import checks  # noqa: PLC0415
   from jw4a16.kernels import w4a16_frag  # noqa: PLC0415

@@ -72,9 +72,10 @@ def test_fragment_bad_input():
     jw4a16.w4a16_matmul(x, fq[:1], s, group_size=G, packing="fragment")
   with pytest.raises(ValueError, match="needs packing='gptq'"):
     jw4a16.w4a16_matmul(x, fq, s, group_size=G, packing="fragment", g_idx=jnp.arange(K) // G)
-  qw32, s32, _, _, _ = make_weights(K, N, 32)
-  with pytest.raises(ValueError, match="multiples of 64, got K=256, group_size=32"):
-    jw4a16.w4a16_matmul(x, layout.to_fragment_packed(qw32), s32, group_size=32, packing="fragment")
+  with pytest.raises(ValueError, match="needs K to be a multiple of 64 and group_size a multiple of it or 32, got "
+                                       "K=96, group_size=32"):
+    jw4a16.w4a16_matmul(make_x((2, 96)), jnp.zeros((2, 8 * 96), jnp.int32), jnp.ones((3, N), jnp.bfloat16),
+                        group_size=32, packing="fragment")
   with pytest.raises(ValueError, match="config.kernel='tile' does not read packing='fragment'"):
     jw4a16.w4a16_matmul(x, fq, s, group_size=G, packing="fragment", config=tuning.KernelConfig(16, 64, 64))
   frag_cfg = tuning.KernelConfig(16, 64, 64, kernel="frag")
@@ -94,9 +95,12 @@ def test_quantized_weight_repack():
   stacked = jw4a16.QuantizedWeight(np.stack([np.asarray(w.qweight)] * 2), np.asarray(w.scales), group_size=G)
   assert stacked.repack("fragment").qweight.shape == (2, 2, 8 * K)
   np.testing.assert_array_equal(np.asarray(stacked.repack("fragment").repack("gptq").qweight), stacked.qweight)
-  w32 = jw4a16.quantize(jnp.ones((K, N)), group_size=32)
-  with pytest.raises(ValueError, match="group_size=32; keep packing='gptq'"):
-    w32.repack("fragment")
+  with pytest.raises(ValueError, match="K=96, group_size=32; keep packing='gptq'"):
+    jw4a16.quantize(jnp.ones((96, N)), group_size=32).repack("fragment")
+  # groups of 32: two per packed block of 64 values
+  w32 = jw4a16.quantize(jax.random.normal(jax.random.key(1), (K, N)), group_size=32, symmetric=False)
+  np.testing.assert_array_equal(np.asarray(jw4a16.quantized_matmul(x, w32.repack("fragment")), np.float32),
+                                np.asarray(jw4a16.quantized_matmul(x, w32), np.float32))
 
 
 def test_dispatcher_configs_for_fragment():
@@ -122,6 +126,13 @@ def test_dispatcher_configs_for_fragment():
   assert all(tuning.frag_acc_fits(c) for c in tuning.frag_candidates(1024, 4096, 28672, 128))
   with pytest.raises(ValueError, match="multiples of 64"):
     tuning.KernelConfig(16, 64, 32, kernel="frag")
+  # groups of 32 on the frag kernel: 64-deep steps, weights scaled before the dot
+  g32 = tuning.legalize(tuning.KernelConfig(16, 64, 128, kernel="frag", scale_w=0), 4096, 32)
+  assert (g32.block_k, g32.scale_w) == (64, 1)
+  assert tuning.legalize(tuning.KernelConfig(16, 64, 128, kernel="frag", scale_w=2), 4096, 32).scale_w == 2
+  with pytest.raises(ValueError, match="takes group_size=32 with block_k=64 and scale_w 1 or 2"):
+    tuning.check_config(tuning.KernelConfig(16, 64, 64, kernel="frag", scale_w=0), 4096, 32)
+  assert tuning.select_config(16, 4096, 6144, 32, "bfloat16", True, tuning.H100, "fragment").block_k == 64
   with pytest.raises(ValueError, match="block_k=64 and block_n=32 must be multiples of 64"):
     tuning.KernelConfig(16, 32, 64, kernel="frag")
   with pytest.raises(ValueError, match="scale_w=1 must be 0, 1 or 2, and not 0 only for kernel 'frag'"):
@@ -146,8 +157,9 @@ def test_layers_with_fragment_packing():
   lin = jnnx.W4A16Linear(K, N, group_size=G, symmetric=False, packing="fragment", rngs=nnx.Rngs(0)).load(w, b)
   assert lin.qweight.get_value().shape == (2, 8 * K)
   np.testing.assert_array_equal(np.asarray(lin(x), np.float32), np.asarray(ref, np.float32))
-  with pytest.raises(ValueError, match="group_size=32"):
-    jw4a16.W4A16Dense(N, group_size=32, packing="fragment").init(jax.random.key(0), x)
+  # groups of 32 take the fragment packing too (two groups per packed block)
+  shapes32 = jax.eval_shape(jw4a16.W4A16Dense(N, group_size=32, packing="fragment").init, jax.random.key(0), x)
+  assert shapes32["params"]["qweight"].value.shape == (2, 8 * K)
 
 
 def test_model_fragment_matches_gptq_and_orbax_keeps_packing(tmp_path):

@@ -182,7 +182,7 @@ def test_gemv_two_rows_per_program(m, symmetric):
 
 
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("group_size", [64, 128, 256, -1])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_fragment_jit_matches_reference(m, group_size, symmetric, dtype):
@@ -212,7 +212,7 @@ FRAG_CONFIGS = [tuning.KernelConfig(bm, bn, bk, split_k=split, num_warps=warps, 
 @pytest.mark.parametrize("cfg", FRAG_CONFIGS, ids=str)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("kng", [(4096, 6144, 128), (256, 1040, -1), (512, 72, 64)])
+@pytest.mark.parametrize("kng", [(4096, 6144, 128), (256, 1040, -1), (512, 72, 64), (1024, 200, 32)])
 def test_frag_configs(cfg, dtype, symmetric, kng):
   """The frag kernel's tiles on the GPU: M not a multiple of its rows, even, uneven and empty splits, N past and
   not a multiple of a tile, zero points, both dtypes, both scale placements, the inline-PTX unpacking."""

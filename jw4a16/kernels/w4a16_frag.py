@@ -18,7 +18,8 @@ Arguments as the other kernels (x, qweight, scales, qzeros, M, out, partials, lo
   H100 that was 10 - 35 % slower on the two widest weights at M = 1 and 16; docs/performance.md, session 8).
   qzeros stay in the kernel layout [K // G, N // 8].
 Constexprs: N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_M, BLOCK_N, BLOCK_K (a multiple of 64 dividing K and the
-group), SPLIT_K, and
+group; for groups of 32, 64: each step's block then holds two groups, pieces 0 - 1 of _pieces the first and 2 - 3
+the second, and SCALE_W must be 1 or 2), SPLIT_K, and
   SCALE_W: 1 applies the group's scale and zero to the weight tile in DTYPE before the dot (exact difference,
     one rounding, as the reference), so the accumulator runs through the MMA chain untouched; 2 the same with the
     scales read as int32 pairs (see the K loop); 0 runs the dot on B + q and corrects the fp32 accumulator after
@@ -102,26 +103,43 @@ def _group_params(scales_ptr, qzeros_ptr, g, n0, offs_n, mask_n, N: tl.constexpr
 
 
 @triton.jit
-def _group_step(acc, words, xt, s, zq, g, offs_n, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr, B: tl.constexpr,
-                SCALE_W: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+def _zeros(zq, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+  """The group's zero points [BLOCK_N, 1] in fp32: _group_params' zq, or ZP_BIAS without zero points."""
+  if HAS_ZP:
+    return zq.to(tl.float32)[:, None]
+  else:
+    return tl.full((BLOCK_N, 1), ZP_BIAS, dtype=tl.float32)
+
+
+@triton.jit
+def _scaled_pieces(b_lo, b_hi, s, zq, B: tl.constexpr, HI16: tl.constexpr, DTYPE: tl.constexpr):
+  """Two pieces of _pieces (an even one, b_lo, and the odd one after it, b_hi) dequantized with the scales s and
+  zero points zq [BLOCK_N, 1] of their group: (B + q - (B + z)) * s in DTYPE, exact difference, one rounding;
+  with HI16 the odd piece holds B + 16 q and the even one is scaled by 16 s (see _group_step)."""
+  z_lo = (B + zq).to(DTYPE)[:, :, None]
+  z_hi = (B + 16 * zq).to(DTYPE)[:, :, None] if HI16 else z_lo
+  s_lo = (16 * s)[:, :, None]
+  s_hi = s[:, :, None] if HI16 else s_lo
+  return (b_lo - z_lo) * s_lo, (b_hi - z_hi) * s_hi
+
+
+@triton.jit
+def _group_step(acc, words, xt, s, zq, s2, zq2, g, offs_n, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr,
+                B: tl.constexpr, SCALE_W: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
   """acc [BLOCK_N, BLOCK_M] += W^T x^T over BK values of K inside group g: words [BLOCK_N, BK // 8] (a step's
-  words of each column), xt [BK, BLOCK_M], s and zq the group's _group_params."""
+  words of each column), xt [BK, BLOCK_M], s and zq the group's _group_params.  s2, zq2: for groups of 32 (BK =
+  64, SCALE_W > 0) the second group's, which pieces 2 and 3 hold (K values 32 - 63 of the block); else s, zq."""
   DTYPE: tl.constexpr = xt.dtype
   s = s[:, None]
-  if HAS_ZP:
-    zq = zq.to(tl.float32)[:, None]
-  else:
-    zq = tl.full((BLOCK_N, 1), ZP_BIAS, dtype=tl.float32)
+  zq = _zeros(zq, HAS_ZP, ZP_BIAS, BLOCK_N)
   if SCALE_W:  # w = (B + q - (B + z)) * s in DTYPE (exact difference, one rounding), then a plain accumulating dot
     # fp16: pieces 1, 3 hold B + 16 q (a shift less; bf16 has no room: its bit 7 is the exponent's), scaled by s,
     # the others by 16 s; the accumulator is scaled back after the loop
     HI16: tl.constexpr = DTYPE == tl.float16
     b0, b1, b2, b3 = _pieces(words, DTYPE, PTX, HI16)
-    z_lo = (B + zq).to(DTYPE)[:, :, None]
-    z_hi = (B + 16 * zq).to(DTYPE)[:, :, None] if HI16 else z_lo
-    s_lo = (16 * s)[:, :, None]
-    s_hi = s[:, :, None] if HI16 else s_lo
-    w = _k_order((b0 - z_lo) * s_lo, (b1 - z_hi) * s_hi, (b2 - z_lo) * s_lo, (b3 - z_hi) * s_hi, BLOCK_N, BK)
+    w0, w1 = _scaled_pieces(b0, b1, s, zq, B, HI16, DTYPE)
+    w2, w3 = _scaled_pieces(b2, b3, s2[:, None], _zeros(zq2, HAS_ZP, ZP_BIAS, BLOCK_N), B, HI16, DTYPE)
+    w = _k_order(w0, w1, w2, w3, BLOCK_N, BK)
     acc = tl.dot(w, xt, acc)
     # Without a use of acc inside the step, Triton 3.6 leaves this dot's wgmmas in flight across the loop's back
     # edge while the next step's dequantization rewrites their register operand w (undefined in PTX; wrong
@@ -161,7 +179,10 @@ def w4a16_frag_kernel(
   B: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0
   tl.static_assert(BLOCK_K % 64 == 0, "fragment-packed blocks are 64 K values")
   tl.static_assert(K % BLOCK_K == 0, "fragment packing needs K % 64 == 0; this kernel, K % BLOCK_K == 0")
-  tl.static_assert(GROUP_SIZE == K or GROUP_SIZE % BLOCK_K == 0, "BLOCK_K must divide GROUP_SIZE")
+  # groups of 32: two per 64-value block, one step per block, weights scaled before the dot (_group_step)
+  HALVES: tl.constexpr = GROUP_SIZE == 32 and K > 32
+  tl.static_assert(GROUP_SIZE == K or GROUP_SIZE % BLOCK_K == 0 or (HALVES and BLOCK_K == 64 and SCALE_W > 0),
+                   "BLOCK_K must divide GROUP_SIZE (groups of 32: BLOCK_K 64 and SCALE_W 1 or 2)")
   K_SPLIT: tl.constexpr = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
   KW: tl.constexpr = K // 8
 
@@ -205,12 +226,18 @@ def w4a16_frag_kernel(
     if SCALE_W:
       s_cur, zq_cur = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, n0, offs_n, mask_n, N, HAS_ZP, DTYPE,
                                     BLOCK_N, SCALE_W == 2)
+      if HALVES:
+        s_two, zq_two = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE + 1, n0, offs_n, mask_n, N, HAS_ZP,
+                                      DTYPE, BLOCK_N, SCALE_W == 2)
+      else:
+        s_two, zq_two = s_cur, zq_cur
     else:
       s_cur, zq_cur = s_nxt, zq_nxt
+      s_two, zq_two = s_cur, zq_cur
       s_nxt, zq_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE, n0,
                                     offs_n, mask_n, N, HAS_ZP, DTYPE, BLOCK_N, 0)
-    acc = _group_step(acc, words, xt, s_cur, zq_cur, k0 // GROUP_SIZE, offs_n, HAS_ZP, ZP_BIAS, B, SCALE_W, PTX,
-                      BLOCK_N, BLOCK_K)
+    acc = _group_step(acc, words, xt, s_cur, zq_cur, s_two, zq_two, k0 // GROUP_SIZE, offs_n, HAS_ZP, ZP_BIAS, B,
+                      SCALE_W, PTX, BLOCK_N, BLOCK_K)
 
   if SCALE_W:
     acc = acc * 0.0625
