@@ -12,7 +12,7 @@ ACTIVATION_DTYPES = ("float16", "bfloat16")
 # How qweight's nibbles are laid out (jw4a16.layout): "gptq" [K, N // 8] packed along N (the kernel layout every
 # loader produces), "fragment" [ceil(N / 64), 8 K] packed along K in the order Hopper's wgmma register operand holds
 # it, each block of 64 weight columns in one row of words, 64-K chunk by chunk (layout.to_fragment_packed; K a
-# multiple of 64, G a multiple of 64).
+# multiple of 64, G a multiple of 64 or 32).
 PACKINGS = ("gptq", "fragment")
 FRAGMENT_BLOCK = 64  # K values per packed block
 FRAGMENT_ROWS = 64  # weight columns (N) per row of fragment-packed words

@@ -44,7 +44,8 @@ class QuantizedWeight:
   def repack(self, packing: str) -> QuantizedWeight:
     """This weight with qweight in `packing` ("gptq" or "fragment"); itself if already so.  Numpy arrays stay on
     the host (the loaders' case); a stacked [L, ...] qweight (scanned layers) is repacked per layer.  Raises a
-    ValueError naming K and the group size where "fragment" cannot hold them (multiples of 64 needed)."""
+    ValueError naming K and the group size where "fragment" cannot hold them (K a multiple of 64, G one too
+    or 32)."""
     if packing == self.packing:
       return self
     k, n = self.shape

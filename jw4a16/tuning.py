@@ -317,9 +317,9 @@ def record_tuned(target_name: str, entries: dict[str, KernelConfig]) -> pathlib.
 # Measured on H100 (docs/performance.md): from this M on, XLA's one-pass dequantization to a bf16 weight plus
 # cuBLAS beats the fused kernel, whose in-loop dequantization competes with the tensor cores for issue slots.
 DENSE_FROM_M = {"h100": 512, "h200": 512}
-# Groups of fewer than 64 rows (group 32): the kernels' K step clamps to the group, and the fragment packing does
-# not take them, so the GPTQ-packing tile kernel runs them; at M = 256 it took 1.36 - 2.66x this route's time on
-# the three shapes measured (session 11, docs/performance.md).
+# Groups of fewer than 64 rows (group 32): measured on the GPTQ-packing tile kernel, whose K step clamps to the
+# group; at M = 256 it took 1.36 - 2.66x this route's time on the three shapes measured (session 11,
+# docs/performance.md).  The frag kernel's groups of 32 (two per 64-deep step) were not measured against it.
 DENSE_FROM_M_SMALL_GROUP = {"h100": 256, "h200": 256}
 SMALL_GROUP = 64
 

@@ -233,7 +233,7 @@ def test_load_into_fragment_packing(name):
 
 
 def test_repack_params_names_the_layer():
-  w = jw4a16.quantize(jnp.ones((256, 64)), group_size=32)
-  with pytest.raises(CheckpointError, match=r"ckpt: model.proj: packing='fragment' needs .* group_size=32"):
+  w = jw4a16.quantize(jnp.ones((96, 64)), group_size=32)  # K = 96: not whole blocks of 64
+  with pytest.raises(CheckpointError, match=r"ckpt: model.proj: packing='fragment' needs .* K=96, group_size=32"):
     checkpoint.repack_params({"model": {"proj": w}}, "fragment", "ckpt: ")
   assert checkpoint.repack_params({"model": {"proj": w, "b": 1}}, "gptq")["model"]["proj"] is w

@@ -176,10 +176,10 @@ def test_frag_ab_script_loads_a_kernel_file(tmp_path):
   assert kernel.__name__ == "w4a16_frag_kernel" and "frag_main" in kernel.fn.__module__
 
 
-def test_convert_to_fragment_refuses_group_32_and_writes_nothing(tmp_path):
+def test_convert_to_fragment_refuses_k_96_and_writes_nothing(tmp_path):
   from tests import checkpoint_writers as writers  # noqa: PLC0415
 
-  writers.write_gptq(tmp_path / "g32", g=32)
-  with pytest.raises(checkpoint.CheckpointError, match="layer: packing='fragment' needs .*group_size=32"):
-    cli.main(["convert", str(tmp_path / "g32"), str(tmp_path / "out"), "--packing", "fragment"])
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["g32"]
+  writers.write_gptq(tmp_path / "k96", k=96, g=32)  # K = 96: not whole blocks of 64
+  with pytest.raises(checkpoint.CheckpointError, match="layer: packing='fragment' needs .*K=96, group_size=32"):
+    cli.main(["convert", str(tmp_path / "k96"), str(tmp_path / "out"), "--packing", "fragment"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["k96"]
