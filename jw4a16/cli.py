@@ -119,7 +119,8 @@ def main(argv=None):
   c.add_argument("dst")
   c.add_argument("--verify", type=int, default=4, help="layers to check against the source's dequantization")
   c.add_argument("--packing", default="gptq", choices=("gptq", "fragment"),
-                 help="qweight layout to store: gptq (any GPU) or fragment (Hopper's fastest; K a multiple of 64, G one too or 32)")
+                 help="qweight layout to store: gptq (any GPU) or fragment (Hopper's fastest; K a multiple of 64, "
+                 "G one too or 32)")
   c.set_defaults(fn=cmd_convert)
   d = sub.add_parser("doctor", help="platform, versions, which path w4a16_matmul takes and why")
   d.set_defaults(fn=cmd_doctor)

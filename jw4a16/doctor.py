@@ -39,7 +39,8 @@ def main():
     target = tuning.target_from_device(devices[0])
     print(f"tuning target: {target.name} ({target.num_sms} SMs/CUs, warp {target.warp_size}); shipped table: "
           f"{len(tuning.shipped_table(target.name))} entries; cache {tuning.cache_path(target.name)}")
-    print(f"weight packing the loaders pick here (K a multiple of 64, G one too or 32): {ops.preferred_packing(4096, 128)}")
+    print(f"weight packing the loaders pick here (K a multiple of 64, G one too or 32): "
+          f"{ops.preferred_packing(4096, 128)}")
     k, n = 512, 256
     rng = np.random.default_rng(0)
     qw = jnp.asarray(rng.integers(-2**31, 2**31 - 1, (k, n // 8)), jnp.int32)
