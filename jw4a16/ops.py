@@ -74,7 +74,7 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packin
   m, k = x2d.shape
   n = scales.shape[1]
   target = current_target()
-  if config is None and tuning.use_dequant_gemm(m, target, checks.resolve_group_size(group_size, k)):
+  if config is None and tuning.use_dequant_gemm(m, target, checks.resolve_group_size(group_size, k), packing):
     if packing == "fragment":  # W^T [N, K] as the packing holds it: the GEMM contracts K of both operands
       wt = dequantize_fragment_nk(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
       out = jax.lax.dot_general(x2d, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -317,21 +317,23 @@ def record_tuned(target_name: str, entries: dict[str, KernelConfig]) -> pathlib.
 # Measured on H100 (docs/performance.md): from this M on, XLA's one-pass dequantization to a bf16 weight plus
 # cuBLAS beats the fused kernel, whose in-loop dequantization competes with the tensor cores for issue slots.
 DENSE_FROM_M = {"h100": 512, "h200": 512}
-# Groups of fewer than 64 rows (group 32): measured on the GPTQ-packing tile kernel, whose K step clamps to the
-# group; at M = 256 it took 1.36 - 2.66x this route's time on the three shapes measured (session 11,
-# docs/performance.md).  The frag kernel's groups of 32 (two per 64-deep step) were not measured against it.
+# Groups of fewer than 64 rows (group 32) on the GPTQ packing: its tile kernel's K step clamps to the group, and at
+# M = 256 it took 1.36 - 2.66x this route's time on the three shapes measured (session 11, docs/performance.md).
+# The frag kernel runs groups of 32 two per 64-deep step and beat this route at M = 256 (54.4 / 130.4 / 91.3 us
+# against 77.3 / 237.2 / 114.3, H100, session 12), so the fragment packing keeps DENSE_FROM_M.
 DENSE_FROM_M_SMALL_GROUP = {"h100": 256, "h200": 256}
 SMALL_GROUP = 64
 
 
-def use_dequant_gemm(m: int, target: Target, group_size: int | None = None) -> bool:
+def use_dequant_gemm(m: int, target: Target, group_size: int | None = None, packing: str = "gptq") -> bool:
   """Whether M is large enough that dequantize-then-GEMM beats the fused kernel on this target, for both packings
   (on the fragment packing session 7 found the routes within 6 % of each other at M = 512 - 2048), earlier for
-  groups under SMALL_GROUP rows (group_size resolved: -1 already replaced by K);
+  groups under SMALL_GROUP rows on the GPTQ packing (group_size resolved: -1 already replaced by K);
   $JW4A16_DENSE_FROM_M overrides it, for measuring the two routes against each other."""
   if os.environ.get("JW4A16_DENSE_FROM_M"):
     return m >= int(os.environ["JW4A16_DENSE_FROM_M"])
-  table = DENSE_FROM_M_SMALL_GROUP if group_size is not None and group_size < SMALL_GROUP else DENSE_FROM_M
+  small = packing == "gptq" and group_size is not None and group_size < SMALL_GROUP
+  table = DENSE_FROM_M_SMALL_GROUP if small else DENSE_FROM_M
   return m >= table.get(target.name, 1 << 62)
 
 

@@ -152,6 +152,8 @@ def test_dequant_route_starts_earlier_for_small_groups(monkeypatch):
   assert not tuning.use_dequant_gemm(511, h100, 128) and tuning.use_dequant_gemm(512, h100, 128)
   assert not tuning.use_dequant_gemm(255, h100, 32) and tuning.use_dequant_gemm(256, h100, 32)
   assert not tuning.use_dequant_gemm(256, h100, 64) and not tuning.use_dequant_gemm(256, h100)
+  # the frag kernel's groups of 32 beat that route at M = 256: the fragment packing keeps DENSE_FROM_M
+  assert not tuning.use_dequant_gemm(511, h100, 32, "fragment") and tuning.use_dequant_gemm(512, h100, 32, "fragment")
   monkeypatch.setenv("JW4A16_DENSE_FROM_M", "16")
   assert tuning.use_dequant_gemm(16, h100, 128) and not tuning.use_dequant_gemm(15, h100, 32)
 
