@@ -65,6 +65,16 @@ def resolve_packing(packing: str, k: int, group_size: int) -> str:
   return preferred_packing(k, group_size) if packing == "auto" else packing
 
 
+def _split_counters(n: int) -> jax.Array:
+  """The split-K kernels' n arrival counters, zero: a constant of the compiled program, so the buffer lives as
+  long as the executable and no memset runs per call (session 12, docs/performance.md).  The kernels draw
+  tickets from it and their last program per tile sets each back to zero (kernels/splitk.py), so it is zero at
+  every launch; launches that share it (XLA may merge equal constants) run one after another on the stream.
+  One element past the counters is 1, never read: XLA may turn a constant of all zeros into a broadcast, a
+  fusion that writes the zeros each call."""
+  return jnp.asarray(np.concatenate([np.zeros(n, np.int32), np.ones(1, np.int32)]))
+
+
 def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packing="gptq"):
   """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype.
 
@@ -95,12 +105,10 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packin
   partials, locks = cfg.scratch_shapes(m, n)
   # jax-triton's custom call, or ($JW4A16_LAUNCHER=ffi) the same kernel as jaxlib's FFI Triton call (launch.py)
   triton_call = launch.ffi_triton_call if launch.resolve_launcher() == "ffi" else jt.triton_call
-  out, _, _ = triton_call(
-      x2d, qweight, scales, scales if qzeros is None else qzeros, m,
+  out, _ = triton_call(
+      x2d, qweight, scales, scales if qzeros is None else qzeros, m, _split_counters(locks[0]),
       kernel=KERNELS[cfg.kernel], grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
-      out_shape=(jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32),
-                 jax.ShapeDtypeStruct(locks, jnp.int32)),
-      zeroed_outputs=(2,) if cfg.split_k > 1 else (),
+      out_shape=(jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32)),
       num_warps=cfg.num_warps, num_stages=cfg.num_stages,
       N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta(), **extra)
   return out

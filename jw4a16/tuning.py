@@ -105,7 +105,8 @@ class KernelConfig:
 
   def scratch_shapes(self, m: int, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of the kernel's two scratch outputs: the fp32 partials [split_k, M, N] and the int32 arrival
-    counters (one per program along grid axis 0, zeroed before each launch); one element each without split-K."""
+    counters (one per program along grid axis 0, zero at each launch, which leaves them zero); one element each
+    without split-K."""
     if self.split_k == 1:
       return (1,), (1,)
     return (self.split_k, m, n), (self.grid(m, n)[0],)

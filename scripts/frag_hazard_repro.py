@@ -43,7 +43,7 @@ def run(x, qf, s, qz, g, cfg):
   out = torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda")
   scratch = torch.empty((1,), dtype=torch.float32, device="cuda")
   locks = torch.zeros((1,), dtype=torch.int32, device="cuda")
-  w4a16_frag_kernel[grid](x, qf, s, s if qz is None else qz, m, out, scratch, locks, N=n, K=k, GROUP_SIZE=g,
+  w4a16_frag_kernel[grid](x, qf, s, s if qz is None else qz, m, locks, out, scratch, N=n, K=k, GROUP_SIZE=g,
                           HAS_ZP=qz is not None, ZP_BIAS=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
                           SCALE_W=sw, PTX=ptx, num_warps=warps, num_stages=stages)
   return out

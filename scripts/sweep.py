@@ -3,8 +3,9 @@
 Developer tool for building jw4a16/configs/<gpu>.json; needs a CUDA/ROCm torch.  Times CUDA-graph
 replays (triton.testing.do_bench_cudagraph: Triton's Python launcher costs ~20 us a launch, more than the kernel
 at small M), each replay running the op over R weight copies that together exceed twice the 50 MB L2, so the
-weights come from HBM as in a model; the time per op is the replay time / R), the zeroing of the split-K
-counters included, and checks every config against a dequantize-then-matmul reference first.
+weights come from HBM as in a model; the time per op is the replay time / R), with one zeroed buffer of split-K
+counters for all launches (the kernels leave them zero, and jw4a16.ops runs no memset either), and checks every
+config against a dequantize-then-matmul reference first.
 
   python scripts/sweep.py --shapes 4096x6144,4096x28672 --ms 1,16,64 --out sweep.json
   python scripts/sweep.py --packing fragment --ms 1,16 --out sweep-frag.json   # the frag kernel
@@ -44,6 +45,17 @@ def dequant(qw, s, qz, g):
   return ((q - z) * s.float().repeat_interleave(g, 0)).to(s.dtype)
 
 
+_COUNTERS = {}
+
+
+def _counters(n, device):
+  """n split-K counters, zero: one buffer per device, which every launch leaves zero (kernels/splitk.py)."""
+  buf = _COUNTERS.get(device)
+  if buf is None or buf.numel() < n:
+    buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+  return buf[:n]
+
+
 def launch(cfg, x, qw, s, qz, g, kernel=None):
   """One launch of cfg's kernel (or `kernel`, another version of it: scripts/frag_ab.py) on fresh outputs."""
   m, k = x.shape
@@ -51,9 +63,9 @@ def launch(cfg, x, qw, s, qz, g, kernel=None):
   out = torch.empty((m, n), dtype=x.dtype, device=x.device)
   partials, locks = cfg.scratch_shapes(m, n)
   partials = torch.empty(partials, dtype=torch.float32, device=x.device)
-  locks = torch.zeros(locks, dtype=torch.int32, device=x.device)
+  locks = _counters(locks[0], x.device)
   extra = {"PTX": int(torch.version.hip is None)} if cfg.kernel == "frag" else {}  # as ops._launch passes it
-  (kernel or KERNELS[cfg.kernel])[cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, out, partials, locks, N=n,
+  (kernel or KERNELS[cfg.kernel])[cfg.grid(m, n)](x, qw, s, s if qz is None else qz, m, locks, out, partials, N=n,
                                                   K=k, GROUP_SIZE=g, HAS_ZP=qz is not None, ZP_BIAS=8,
                                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
                                                   **extra)

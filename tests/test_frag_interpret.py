@@ -44,7 +44,7 @@ def test_frag_kernel(kng, bm, bk, split, dtype, symmetric, scale_w):
   locks = torch.zeros(grid[0] if split > 1 else 1, dtype=torch.int32)
   st = _torch(s)
   w4a16_frag_kernel[grid](_torch(x), _torch(layout.to_fragment_packed(np.asarray(qw))), st,
-                          st if qz is None else _torch(qz), m, out, partials, locks, N=n, K=k,
+                          st if qz is None else _torch(qz), m, locks, out, partials, N=n, K=k,
                           GROUP_SIZE=k if g == -1 else g, HAS_ZP=qz is not None, ZP_BIAS=8, BLOCK_M=bm, BLOCK_N=bn,
                           BLOCK_K=bk, SPLIT_K=split, SCALE_W=scale_w)
   assert_close(out.float().numpy(), np.asarray(x, np.float64) @ w, dtype)
@@ -69,7 +69,7 @@ def test_frag_kernel_groups_of_32(n, split, scale_w, dtype, symmetric):
   locks = torch.zeros(grid[0] if split > 1 else 1, dtype=torch.int32)
   st = _torch(s)
   w4a16_frag_kernel[grid](_torch(x), _torch(layout.to_fragment_packed(np.asarray(qw))), st,
-                          st if qz is None else _torch(qz), m, out, partials, locks, N=n, K=k, GROUP_SIZE=g,
+                          st if qz is None else _torch(qz), m, locks, out, partials, N=n, K=k, GROUP_SIZE=g,
                           HAS_ZP=qz is not None, ZP_BIAS=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=split,
                           SCALE_W=scale_w)
   assert_close(out.float().numpy(), np.asarray(x, np.float64) @ w, dtype)

@@ -267,6 +267,29 @@ def test_frag_scaled_weights_do_not_race(case):
     assert_close(f(x, fq), want, dtype)
 
 
+@pytest.mark.parametrize("packing", ["gptq", "fragment"])
+def test_split_k_counters_are_left_zero_for_the_next_launch(packing):
+  """ops passes the split-K counters as a constant of the program, never zeroed again: each launch must leave them
+  zero.  A scan runs two configs with the same number of tiles (XLA may merge their equal constants) five times,
+  each on other rows; a counter left at SPLIT_K would stop the next launch from writing its output."""
+  k, n = 4096, 1024
+  qw, s, _, _, w = make_weights(k, n, 128)
+  q = jnp.asarray(jw4a16.layout.to_fragment_packed(qw)) if packing == "fragment" else jnp.asarray(qw)
+  kernel = "frag" if packing == "fragment" else "tile"
+  cfgs = [tuning.KernelConfig(16, 64, 128, split_k=split, kernel=kernel) for split in (4, 8)]
+
+  def step(carry, x):
+    return carry, [jw4a16.w4a16_matmul(x, q, s, group_size=128, packing=packing, config=c, backend="triton")
+                   for c in cfgs]
+
+  xs = make_x((5, 16, k))
+  f = jax.jit(lambda xs: jax.lax.scan(step, 0, xs)[1])
+  for _ in range(2):
+    for outs in f(xs):
+      for i in range(5):
+        assert_close(outs[i], np.asarray(xs[i], np.float64) @ w, "bfloat16")
+
+
 def test_frag_split_k_is_deterministic():
   k, n = 8192, 4096
   qw, s, _, _, w = make_weights(k, n, 128)

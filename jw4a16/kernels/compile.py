@@ -48,7 +48,7 @@ def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, 
   m_is_one: M is the constexpr 1, as jax-triton makes an integer argument equal to 1.
   """
   sig = {"x_ptr": f"*{_TT[dtype]}", "qweight_ptr": "*i32", "scales_ptr": f"*{_TT[dtype]}", "qzeros_ptr": "*i32",
-         "M": "i32", "out_ptr": f"*{_TT[dtype]}", "partial_ptr": "*fp32", "lock_ptr": "*i32"}
+         "M": "i32", "lock_ptr": "*i32", "out_ptr": f"*{_TT[dtype]}", "partial_ptr": "*fp32"}
   constexprs = dict(N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=has_zp, ZP_BIAS=zp_bias, **meta)
   if kernel == "frag":  # NVIDIA: the unpacking's inline-PTX LOP3, as ops._launch passes it
     constexprs.setdefault("PTX", int(TARGETS[target].backend == "cuda"))

@@ -1,12 +1,14 @@
 """The split-K epilogue shared by both kernels: the last program of a tile to finish sums the partials.
 
 With SPLIT_K > 1 the SPLIT_K programs of one output tile each write their fp32 partial to slot pid_k of a
-workspace [SPLIT_K, M, N] and then take a ticket from the tile's arrival counter (one int32 per tile, zeroed
-before the launch).  The program that draws ticket SPLIT_K - 1 arrived last: every other partial is in memory,
+workspace [SPLIT_K, M, N] and then take a ticket from the tile's arrival counter (one int32 per tile, zero when
+the launch starts).  The program that draws ticket SPLIT_K - 1 arrived last: every other partial is in memory,
 so it sums all SPLIT_K slots, its own included, in slot order (the result is the same whichever program arrives
-last; holding its own tile in registers instead spills the 64x128 tiles) and writes the tile of `out` in the
-output dtype.  One launch does the whole op, with no second kernel to reduce the partials; only integer atomics
-are used (one per program), so it suits AMD as well, where float atomics are slow.
+last; holding its own tile in registers instead spills the 64x128 tiles), writes the tile of `out` in the
+output dtype, and sets the counter back to zero.  One launch does the whole op, with no second kernel to reduce
+the partials; only integer atomics are used (one per program), so it suits AMD as well, where float atomics are
+slow.  Because every launch leaves its counters at zero, one zeroed buffer serves every launch after it
+(jw4a16.ops passes a constant of the compiled program; no memset per call).
 
 Ordering: the barrier makes all of the program's partial stores happen before its ticket, and the ticket's
 acq_rel (gpu scope) releases them to, and acquires the others' for, the last program; the partials are then
@@ -42,3 +44,4 @@ def store_tile(acc, out_ptrs, partial_ptrs, mask, M, N: tl.constexpr, lock_ptr, 
         for j in tl.static_range(C):
           total += tl.load(partial_ptrs + (zero + s0 + j) * slot, mask=mask, other=0.0, cache_modifier=".cg")
       tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+      tl.store(lock_ptr + tile, 0)  # every ticket is drawn: the counter is ready for the next launch

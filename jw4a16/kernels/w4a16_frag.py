@@ -11,7 +11,7 @@ one LOP3:
 dispatcher's picks on GPTQ's packing from M = 2 to 256, and at M = 1 from 9 % slower to 20 % faster than the gemv
 kernel (docs/performance.md, session 7).  On other targets it is correct (Triton picks their MMA layouts) but not tuned.
 
-Arguments as the other kernels (x, qweight, scales, qzeros, M, out, partials, locks) except qweight:
+Arguments as the other kernels (x, qweight, scales, qzeros, M, locks, out, partials) except qweight:
   qweight [ceil(N / ROW_BLOCK), 8 K] int32 (ROW_BLOCK = jw4a16.checks.FRAGMENT_ROWS), fragment-packed: each
   block of ROW_BLOCK weight columns holds K block b (64 values, 8 words per column) of all its columns in one
   piece, so a tile reads 2 KB runs where a row of words per column read 32-byte pieces K / 2 bytes apart (on
@@ -160,9 +160,9 @@ def w4a16_frag_kernel(
     scales_ptr,
     qzeros_ptr,
     M,
+    lock_ptr,
     out_ptr,
     partial_ptr,
-    lock_ptr,
     N: tl.constexpr,
     K: tl.constexpr,
     GROUP_SIZE: tl.constexpr,

@@ -22,18 +22,19 @@ layout conversion, as in the unswapped tile), x^T is read by the wgmma straight 
 buffer, and BLOCK_M becomes the instruction's N (8 and up), so a small M no longer needs mma.sync or a 64-row
 wgmma.  On H100 it is the faster tile from M = 2 to 32 (docs/performance.md, session 6).
 
-Argument order follows jax-triton: the input arrays, the scalar M, then the outputs.  Every shape except M is a
-constexpr, because jax-triton gives integer scalars no divisibility specialization (see shared/NOTES.md).
+Argument order follows jax-triton: the input arrays, the scalar M, the split-K counters (an input: the kernel
+leaves them as it found them, zero), then the outputs.  Every shape except M is a constexpr, because jax-triton
+gives integer scalars no divisibility specialization (see shared/NOTES.md).
 
 Layout (GPTQ sequential, packed along N):
   x       [M, K]        fp16 | bf16, row-major
   qweight [K, N // 8]   int32; word (k, j) holds columns 8j .. 8j+7, column 8j+i in bits 4i .. 4i+3
   scales  [K // G, N]   x's dtype
   qzeros  [K // G, N // 8] int32 packed like qweight (read only when HAS_ZP)
+  locks    [programs along grid axis 0] int32 arrival counters, zero at the launch and reset to zero by it
   out      [M, N]        x's dtype
-  partials [SPLIT_K, M, N] float32 workspace, and
-  locks    [programs along grid axis 0] int32 arrival counters, zeroed before the launch (both read only when
-           SPLIT_K > 1; one element each otherwise)
+  partials [SPLIT_K, M, N] float32 workspace (locks and partials are read only when SPLIT_K > 1; partials has one
+           element otherwise)
 """
 
 import triton
@@ -95,9 +96,9 @@ def w4a16_gemm_kernel(
     scales_ptr,
     qzeros_ptr,
     M,
+    lock_ptr,
     out_ptr,
     partial_ptr,
-    lock_ptr,
     N: tl.constexpr,
     K: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
