@@ -65,13 +65,19 @@ def resolve_packing(packing: str, k: int, group_size: int) -> str:
   return preferred_packing(k, group_size) if packing == "auto" else packing
 
 
-def _split_counters(n: int) -> jax.Array:
-  """The split-K kernels' n arrival counters, zero: a constant of the compiled program, so the buffer lives as
-  long as the executable and no memset runs per call (session 12, docs/performance.md).  The kernels draw
-  tickets from it and their last program per tile sets each back to zero (kernels/splitk.py), so it is zero at
-  every launch; launches that share it (XLA may merge equal constants) run one after another on the stream.
-  One element past the counters is 1, never read: XLA may turn a constant of all zeros into a broadcast, a
-  fusion that writes the zeros each call."""
+def _split_counters(n: int, launcher: str) -> jax.Array:
+  """The split-K kernels' n arrival counters, zero at the launch.
+
+  The kernels draw tickets from them and the last program of each tile sets its counter back to zero
+  (kernels/splitk.py), so one zeroed buffer serves every launch after it.  With jax-triton's launch (the
+  default) they are a constant of the compiled program: the buffer lives as long as the executable and no memset
+  runs per call (session 12, docs/performance.md).  XLA runs those launches one after another on its stream, so
+  launches that share the buffer (equal constants may be merged) never overlap.  The FFI launch may be captured
+  into XLA's command buffers, where launches without a data dependence can run at once: it gets a fresh zeroed
+  buffer per call instead (XLA writes the zeros).  The constant's last element, one past the counters, is 1 and
+  never read: a constant of all zeros may be rewritten as a broadcast, which writes them on every call."""
+  if launcher == "ffi":
+    return jnp.zeros((n,), jnp.int32)
   return jnp.asarray(np.concatenate([np.zeros(n, np.int32), np.ones(1, np.int32)]))
 
 
@@ -104,9 +110,10 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packin
   extra = {"PTX": int(target.warp_size == 32)} if cfg.kernel == "frag" else {}  # NVIDIA: inline-PTX unpacking
   partials, locks = cfg.scratch_shapes(m, n)
   # jax-triton's custom call, or ($JW4A16_LAUNCHER=ffi) the same kernel as jaxlib's FFI Triton call (launch.py)
-  triton_call = launch.ffi_triton_call if launch.resolve_launcher() == "ffi" else jt.triton_call
+  launcher = launch.resolve_launcher()
+  triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
   out, _ = triton_call(
-      x2d, qweight, scales, scales if qzeros is None else qzeros, m, _split_counters(locks[0]),
+      x2d, qweight, scales, scales if qzeros is None else qzeros, m, _split_counters(locks[0], launcher),
       kernel=KERNELS[cfg.kernel], grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
       out_shape=(jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32)),
       num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -26,6 +26,7 @@ if [[ "$count" -eq 0 ]]; then
   exit 2
 fi
 echo "gpu_tests.sh: $count tests in $n processes, logs in $logdir"
+rm -f "$logdir"/shard_*  # a reused LOGDIR: an old log would be dealt out as a list of test ids
 split -n "r/$n" "$logdir/ids" "$logdir/shard_"
 pids=()
 for f in "$logdir"/shard_*; do
