@@ -197,8 +197,7 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
     perm: [K] int, qweight's rows are already sorted by group; x's columns are gathered by perm.
     packing: "gptq" (qweight as above) or "fragment": qweight [ceil(N / 64), 8 K] from `layout.to_fragment_packed`
       (or `QuantizedWeight.repack`), done once at load time; K a multiple of 64, G one too or 32, no g_idx (use
-      perm).  The
-      fastest layout on H100 (`jw4a16.preferred_packing` says which to use on this device).
+      perm).  The fastest layout on H100 (`jw4a16.preferred_packing` says which to use on this device).
     backend: "auto" (default; or $JW4A16_BACKEND), "triton" or "reference".
     config: a `jw4a16.tuning.KernelConfig` to force a tile shape (Triton path only).
 
