@@ -24,10 +24,9 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from sweep import dequant, launch, make  # noqa: E402
+from sweep import dequant, fragment_sets, launch, make  # noqa: E402
 
 from jw4a16.kernels import w4a16_frag  # noqa: E402
-from jw4a16.layout import to_fragment_packed  # noqa: E402
 from jw4a16.tuning import select_config  # noqa: E402
 
 
@@ -54,7 +53,7 @@ def main(argv=None):
     r = max(8, math.ceil(2 * 50 * 2**20 / (k * n / 2)) + 1)
     raw = [make(k, n, 128, torch.bfloat16, a.asym) for _ in range(r)]
     w = dequant(*raw[0], 128).float()
-    sets = [(torch.from_numpy(to_fragment_packed(qw.cpu().numpy())).cuda(), s, qz) for qw, s, qz in raw]
+    sets = fragment_sets(raw)
     del raw
     for m in map(int, a.ms.split(",")):
       x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
