@@ -124,7 +124,7 @@ def _scaled_pieces(b_lo, b_hi, s, zq, B: tl.constexpr, HI16: tl.constexpr, DTYPE
 
 
 @triton.jit
-def _group_step(acc, words, xt, s, zq, s2, zq2, g, offs_n, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr,
+def _group_step(acc, words, xt, s, zq, s2, zq2, g, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr,
                 B: tl.constexpr, SCALE_W: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
   """acc [BLOCK_N, BLOCK_M] += W^T x^T over BK values of K inside group g: words [BLOCK_N, BK // 8] (a step's
   words of each column), xt [BK, BLOCK_M], s and zq the group's _group_params.  s2, zq2: for groups of 32 (BK =
@@ -236,8 +236,8 @@ def w4a16_frag_kernel(
       s_two, zq_two = s_cur, zq_cur
       s_nxt, zq_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE, n0,
                                     offs_n, mask_n, N, HAS_ZP, DTYPE, BLOCK_N, 0)
-    acc = _group_step(acc, words, xt, s_cur, zq_cur, s_two, zq_two, k0 // GROUP_SIZE, offs_n, HAS_ZP, ZP_BIAS, B,
-                      SCALE_W, PTX, BLOCK_N, BLOCK_K)
+    acc = _group_step(acc, words, xt, s_cur, zq_cur, s_two, zq_two, k0 // GROUP_SIZE, HAS_ZP, ZP_BIAS, B, SCALE_W,
+                      PTX, BLOCK_N, BLOCK_K)
 
   if SCALE_W:
     acc = acc * 0.0625
