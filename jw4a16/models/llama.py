@@ -137,13 +137,13 @@ def projection(quant: QuantSpec, path: str, features: int, bias: bool, dtype, na
 
 
 class Attention(nn.Module):
-  """cache: the whole [L, 2, B, S, KVH, D] cache, of which this is layer `layer` (unrolled layers: written in
-  place, so a donated cache is never copied), or with layer None this layer's [2, B, S, KVH, D] (scan)."""
+  """cache: this layer's (k, v), each [B, S, KVH, D].  The new keys and values are written at `index` in place
+  (a donated cache is never copied) and the attention dots read those same buffers: a slice of one stacked
+  [L, 2, ...] cache, as before, cost XLA a copy of the layer's keys and of its values every step."""
 
   cfg: LlamaConfig
   quant: QuantSpec
   prefix: str
-  layer: int | None = None
 
   @nn.compact
   def __call__(self, x, cos, sin, cache, index):
@@ -159,11 +159,8 @@ class Attention(nn.Module):
     q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    layer = 0 if self.layer is None else self.layer
-    full = cache[None] if self.layer is None else cache
-    kv = jnp.stack([k, v])[None].astype(full.dtype)
-    full = jax.lax.dynamic_update_slice(full, kv, (layer, 0, 0, index, 0, 0))
-    k_cache, v_cache = full[layer, 0], full[layer, 1]
+    k_cache, v_cache = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
+                        for c, new in zip(cache, (k, v)))
     s = k_cache.shape[1]
     qg = q.reshape(b, t, kvh, h // kvh, d)
     scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k_cache, preferred_element_type=jnp.float32).astype(dt)
@@ -174,7 +171,7 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_cache, preferred_element_type=jnp.float32).astype(dt)
     out = p("o_proj", cfg.hidden_size, False)(out.reshape(b, t, h * d))
-    return out, full[0] if self.layer is None else full
+    return out, (k_cache, v_cache)
 
 
 class MLP(nn.Module):
@@ -198,11 +195,10 @@ class Block(nn.Module):
   cfg: LlamaConfig
   quant: QuantSpec
   prefix: str
-  layer: int | None = None  # see Attention
 
   @nn.compact
   def __call__(self, x, cos, sin, cache, index):
-    a, cache = Attention(self.cfg, self.quant, f"{self.prefix}.self_attn", self.layer, name="self_attn")(
+    a, cache = Attention(self.cfg, self.quant, f"{self.prefix}.self_attn", name="self_attn")(
         RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), cos, sin, cache, index)
     x = x + a
     x = x + MLP(self.cfg, self.quant, f"{self.prefix}.mlp", name="mlp")(
@@ -211,8 +207,8 @@ class Block(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-  """input_ids int32 [B, T], cache [L, 2, B, S, KVH, D] (or None), index (first position) -> (float32 logits
-  [B, T, vocab], new cache)."""
+  """input_ids int32 [B, T], cache (init_cache's: L pairs (k, v), each [B, S, KVH, D]; or None), index (first
+  position) -> (float32 logits [B, T, vocab], new cache)."""
 
   cfg: LlamaConfig
   quant: QuantSpec = QuantSpec()
@@ -224,6 +220,7 @@ class LlamaForCausalLM(nn.Module):
     b, t = input_ids.shape
     if cache is None:
       cache = init_cache(cfg, b, t)
+    check_cache(cfg, cache, b, int(index) if isinstance(index, (int, np.integer)) else None, t)
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt, name="embed_tokens")
     x = embed(input_ids)
     pos = (index + jnp.arange(t)).astype(jnp.float32)
@@ -234,11 +231,15 @@ class LlamaForCausalLM(nn.Module):
     if self.scan_layers:  # compiles one layer instead of num_layers
       blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers)
-      x, new_cache = blocks(cfg, self.quant, "layers", name="layers")(x, cos, sin, cache, index)
+      stacked = tuple(jnp.stack(c) for c in zip(*cache))  # scanned over: ([L, B, S, KVH, D],) * 2
+      x, (ks, vs) = blocks(cfg, self.quant, "layers", name="layers")(x, cos, sin, stacked, index)
+      new_cache = tuple(zip(ks, vs))
     else:
-      new_cache = cache
+      new_cache = []
       for i in range(cfg.num_layers):
-        x, new_cache = Block(cfg, self.quant, f"layers_{i}", i, name=f"layers_{i}")(x, cos, sin, new_cache, index)
+        x, kv = Block(cfg, self.quant, f"layers_{i}", name=f"layers_{i}")(x, cos, sin, cache[i], index)
+        new_cache.append(kv)
+      new_cache = tuple(new_cache)
     x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
@@ -247,8 +248,30 @@ class LlamaForCausalLM(nn.Module):
     return logits.astype(jnp.float32), new_cache
 
 
-def init_cache(cfg: LlamaConfig, batch: int, length: int):
-  return jnp.zeros((cfg.num_layers, 2, batch, length, cfg.num_kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
+def check_cache(cfg: LlamaConfig, cache, batch: int, index: int | None, t: int):
+  """A clear error for a cache that is not init_cache's structure for this model and batch (shapes only: this
+  runs while tracing)."""
+  want = f"{cfg.num_layers} (k, v) pairs of [{batch}, S, {cfg.num_kv_heads}, {cfg.head_dim}] (init_cache)"
+  try:
+    shapes = [tuple(tuple(c.shape) for c in kv) for kv in cache]
+  except (TypeError, AttributeError):
+    raise ValueError(f"cache: expected {want}, got {type(cache).__name__}") from None
+  ok = len(shapes) == cfg.num_layers and all(
+      len(kv) == 2 and kv[0] == kv[1] and len(kv[0]) == 4 and kv[0][0] == batch
+      and kv[0][2:] == (cfg.num_kv_heads, cfg.head_dim) for kv in shapes)
+  if not ok:
+    raise ValueError(f"cache: expected {want}, got shapes {shapes[:2]}{' ...' if len(shapes) > 2 else ''} "
+                     f"({len(shapes)} entries)")
+  if index is not None and index + t > shapes[0][0][1]:
+    raise ValueError(f"cache: {shapes[0][0][1]} positions, too short for index {index} + {t} tokens")
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int) -> tuple:
+  """The KV cache: one (k, v) pair a layer, each zeros [batch, length, KVH, D] in the model's dtype.  Separate
+  buffers a layer, so that the attention reads the buffer the step wrote in place (see Attention)."""
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return tuple((jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype)))
+               for _ in range(cfg.num_layers))
 
 
 def hf_to_flax(params: dict, cfg: LlamaConfig) -> tuple[dict, QuantSpec]:
@@ -461,4 +484,4 @@ def load(path, *, dtype=None, progress: bool = True, fuse: bool = True, packing:
 
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "QuantSpec", "fuse_projections", "hf_to_flax",
-           "init_cache", "load", "repack_projections", "sample"]
+           "check_cache", "init_cache", "load", "repack_projections", "sample"]
