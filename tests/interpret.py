@@ -92,4 +92,29 @@ def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConf
   return out.float().numpy().reshape(*x.shape[:-1], n)
 
 
-__all__ = ["patch_interpreter", "run_kernel"]
+def run_attention_kernel(q, k_cache, v_cache, lengths, *, split: int, block_s: int = 64):
+  """Mirrors jw4a16.attention.decode_attention with CPU torch tensors: q [B, H, D], caches [B, S, KVH, D] (bf16
+  or fp16 numpy), lengths [B] -> float32 numpy [B, H, D].  Checks that the counters are left at zero."""
+  from jw4a16.kernels.decode_attention import decode_attention_kernel  # noqa: PLC0415
+
+  patch_interpreter()
+  q, k_cache, v_cache = (np.asarray(a) for a in (q, k_cache, v_cache))
+  b, h, d = q.shape
+  s, kvh = k_cache.shape[1], k_cache.shape[2]
+  r = h // kvh
+  block_r = max(16, 1 << (r - 1).bit_length())
+  dtype = torch.bfloat16 if q.dtype == ml_dtypes.bfloat16 else torch.float16
+  out = torch.full((b, h, d), float("nan"), dtype=dtype)  # an element left unwritten fails the test
+  slots = b * kvh * split if split > 1 else 1
+  part_acc = torch.full((slots, block_r, d), float("nan"))  # garbage, as on the GPU
+  part_ml = torch.full((slots, 2, block_r), float("nan"))
+  locks = torch.zeros(b * kvh + 1, dtype=torch.int32)
+  decode_attention_kernel[(b * kvh, split)](
+      _torch(q), _torch(k_cache), _torch(v_cache), torch.from_numpy(np.asarray(lengths, np.int32)), locks, out,
+      part_acc, part_ml, S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s,
+      SPLIT=split, num_warps=4, num_stages=3)
+  assert (locks == 0).all(), locks
+  return out.float().numpy()
+
+
+__all__ = ["patch_interpreter", "run_attention_kernel", "run_kernel"]

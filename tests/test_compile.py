@@ -98,3 +98,25 @@ def test_compiles_within_limits(target, i):
     wgmma = target == "sm90" and (cfg.block_n if cfg.swap_ab or cfg.kernel == "frag" else cfg.block_m) >= 64
     expected = "v_mfma" if target.startswith("gfx") else ("wgmma" if wgmma else "mma")
     assert rep["matrix_unit"] == expected, rep
+
+
+# The decode-attention kernel (jw4a16.attention) at Llama-3 shapes: 4 query heads a kv head, head_dim 128 (and 64),
+# one split (a long batch) and 16 splits (batch 1).
+ATTENTION_JOBS = [dict(kernel="decode_attention", dtype=dt, s=s, kvh=kvh, r=r, d=d, split=split)
+                  for dt, s, kvh, r, d, split in (("bfloat16", 2048, 8, 4, 128, 16), ("float16", 4096, 8, 4, 128, 1),
+                                                  ("bfloat16", 512, 4, 8, 64, 4), ("bfloat16", 256, 32, 1, 128, 2))]
+
+
+@functools.cache
+def attention_reports(target):
+  return compile_in_subprocess(target, [dict(j) for j in ATTENTION_JOBS])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("i", range(len(ATTENTION_JOBS)))
+def test_decode_attention_compiles(target, i):
+  rep = attention_reports(target)[i]
+  assert "error" not in rep, rep.get("error")
+  assert rep["shared"] <= SHARED_LIMIT[target], rep
+  assert rep["spills"] == 0, rep
+  assert rep["matrix_unit"] == ("v_mfma" if target.startswith("gfx") else "mma"), rep  # tl.dot on the matrix units

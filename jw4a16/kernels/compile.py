@@ -64,6 +64,24 @@ def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, 
   return triton.compile(src, target=TARGETS[target], options=options)
 
 
+def compile_attention(target: str, *, dtype: str = "bfloat16", s: int, kvh: int, r: int, d: int, split: int,
+                      block_s: int = 64, num_warps: int = 4, num_stages: int = 3):
+  """Compiles the decode-attention kernel (kernels/decode_attention.py) for `target` with the constexprs
+  jw4a16.attention.decode_attention passes."""
+  from jw4a16.kernels.decode_attention import decode_attention_kernel  # noqa: PLC0415
+
+  tt = _TT[dtype]
+  sig = {"q_ptr": f"*{tt}", "k_ptr": f"*{tt}", "v_ptr": f"*{tt}", "len_ptr": "*i32", "lock_ptr": "*i32",
+         "out_ptr": f"*{tt}", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
+  constexprs = dict(S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=max(16, triton.next_power_of_2(r)),
+                    BLOCK_S=block_s, SPLIT=split)
+  sig.update({name: "constexpr" for name in constexprs})
+  attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
+  src = triton.compiler.ASTSource(fn=decode_attention_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+  options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)
+  return triton.compile(src, target=TARGETS[target], options=options)
+
+
 def _ptxas_spills(ptx: str, arch: int) -> int | None:
   """Spill-store bytes that the ptxas Triton itself picks for this arch reports for the PTX."""
   try:
@@ -163,7 +181,8 @@ def main(argv=None):
   """python -m jw4a16.kernels.compile TARGET < JSON list of jobs: prints one JSON report per job.
 
   A job is {"meta": {...}} plus compile_kernel's keyword arguments ("n", "k", "group_size", "dtype", "has_zp",
-  "num_warps", "num_stages", "amd_options", "kernel", "m_is_one", ...).  A separate process, because under
+  "num_warps", "num_stages", "amd_options", "kernel", "m_is_one", ...), or {"kernel": "decode_attention"} plus
+  compile_attention's.  A separate process, because under
   TRITON_INTERPRET=1 (the CPU test runs) @triton.jit builds interpreter functions that triton.compile cannot take.
   """
   import json  # noqa: PLC0415
@@ -171,9 +190,14 @@ def main(argv=None):
 
   target = (argv or sys.argv[1:])[0]
   for job in json.load(sys.stdin):
-    meta = job.pop("meta")
+    meta = job.pop("meta", None)
     try:
-      rep = dataclasses.asdict(report(target, compile_kernel(target, meta, **job)))
+      if job.get("kernel") == "decode_attention":
+        job.pop("kernel")
+        compiled = compile_attention(target, **job)
+      else:
+        compiled = compile_kernel(target, meta, **job)
+      rep = dataclasses.asdict(report(target, compiled))
     except Exception as e:  # reported to the caller, which fails the test with the message
       rep = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(rep), flush=True)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jw4a16.attention import attention
 from jw4a16.linen import W4A16Dense
 from jw4a16.qweight import QuantizedWeight
 from jw4a16.quantize import layer_params
@@ -161,15 +162,7 @@ class Attention(nn.Module):
     k = k * cos + rotate_half(k) * sin
     k_cache, v_cache = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
                         for c, new in zip(cache, (k, v)))
-    s = k_cache.shape[1]
-    qg = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k_cache, preferred_element_type=jnp.float32).astype(dt)
-    scores = scores * jnp.asarray(d**-0.5, dt)
-    q_pos = index + jnp.arange(t)
-    mask = jnp.arange(s)[None, :] <= q_pos[:, None]  # causal; cache slots past the last write are masked too
-    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_cache, preferred_element_type=jnp.float32).astype(dt)
+    out = attention(q, k_cache, v_cache, index, allow_kernel=cfg.tensor_parallel is None)
     out = p("o_proj", cfg.hidden_size, False)(out.reshape(b, t, h * d))
     return out, (k_cache, v_cache)
 

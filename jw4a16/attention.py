@@ -1,0 +1,139 @@
+"""Grouped-query attention against a KV cache: the jnp reference (any number of query positions) and, for a decode
+step (one query position), the Triton kernel `kernels/decode_attention.py` where it can run.
+
+`attention(q, k_cache, v_cache, index)` is what the Llama model calls.  The reference follows Hugging Face
+transformers' eager attention in the activation dtype (scores rounded to it, softmax in fp32, probabilities rounded
+back), so the CPU path matches transformers to bf16 rounding (tests/test_model.py).  The kernel keeps the scores in
+fp32 (flash attention's numerics): on H100 it differs from the reference by bf16 rounding of the output.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jw4a16 import ops
+
+BLOCK_S = 64
+SPLIT_MAX = 32
+DISABLE_ENV = "JW4A16_DECODE_ATTENTION"  # "0": always the reference
+
+
+def attention_reference(q, k_cache, v_cache, index):
+  """q [B, T, H, D] at positions index .. index + T - 1; caches [B, S, KVH, D] -> [B, T, H, D] in q's dtype.
+  Causal: position p attends cache slots 0..p (slots past the last write are masked too)."""
+  b, t, h, d = q.shape
+  s, kvh = k_cache.shape[1], k_cache.shape[2]
+  dt = q.dtype
+  qg = q.reshape(b, t, kvh, h // kvh, d)
+  scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k_cache, preferred_element_type=jnp.float32).astype(dt)
+  scores = scores * jnp.asarray(d**-0.5, dt)
+  q_pos = index + jnp.arange(t)
+  mask = jnp.arange(s)[None, :] <= q_pos[:, None]
+  scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_cache, preferred_element_type=jnp.float32).astype(dt)
+  return out.reshape(b, t, h, d)
+
+
+def check_attention_args(q, k_cache, v_cache):
+  """(B, T, H, D, S, KVH) of valid arguments, else a ValueError naming the argument."""
+  if q.ndim != 4:
+    raise ValueError(f"q: expected [B, T, H, D], got shape {q.shape}")
+  b, t, h, d = q.shape
+  for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+    if c.ndim != 4 or c.shape[0] != b or c.shape[3] != d:
+      raise ValueError(f"{name}: expected [B={b}, S, KVH, D={d}], got shape {c.shape}")
+    if c.dtype != q.dtype:
+      raise ValueError(f"{name}: dtype {c.dtype} differs from q's {q.dtype}")
+  if k_cache.shape != v_cache.shape:
+    raise ValueError(f"v_cache: shape {v_cache.shape} differs from k_cache's {k_cache.shape}")
+  s, kvh = k_cache.shape[1], k_cache.shape[2]
+  if h % kvh:
+    raise ValueError(f"q: {h} heads are not a multiple of the caches' {kvh} kv heads")
+  return b, t, h, d, s, kvh
+
+
+def kernel_unavailable_reason(q, k_cache) -> str | None:
+  """None when the decode kernel takes these arguments on this backend, else why not."""
+  b, t, h, d = q.shape
+  if os.environ.get(DISABLE_ENV, "1") == "0":
+    return f"${DISABLE_ENV}=0"
+  if t != 1:
+    return f"{t} query positions (the kernel is for decode steps, T = 1)"
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype} (the kernel takes bfloat16 or float16)"
+  if d < 16 or d & (d - 1):
+    return f"head_dim {d} is not a power of two >= 16"
+  if h // k_cache.shape[2] > 64:
+    return f"{h // k_cache.shape[2]} query heads a kv head (the kernel takes up to 64)"
+  if b == 0:
+    return "an empty batch"
+  if ops.resolve_backend() != "triton":
+    return "the Triton path cannot run here (ops.resolve_backend)"
+  return None
+
+
+def split_for(b: int, kvh: int, s: int, num_sms: int, block_s: int = BLOCK_S) -> int:
+  """Splits of the positions per (sequence, kv head): about one program per two SMs, each split at least four
+  blocks (4 * block_s positions) of the cache; a power of two <= SPLIT_MAX, rounded down.  Measured on H100
+  (session 13, docs/performance.md): 4x more splits than this, or splits of one block, ran 1.1 - 1.4x slower
+  (a split costs its partial's store and its share of the combine)."""
+  want = min(-(-(num_sms // 2) // (b * kvh)), s // (4 * block_s), SPLIT_MAX)
+  return 1 << max(0, math.floor(math.log2(max(want, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms() -> int:
+  dev = jax.devices()[0]
+  return getattr(dev, "core_count", None) or 132
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, block_s: int = BLOCK_S,
+                     num_warps: int = 4, num_stages: int = 3):
+  """The Triton decode kernel: q [B, H, D], caches [B, S, KVH, D], lengths [B] int32 (sequence b attends cache
+  slots 0 .. lengths[b] - 1; each >= 1) -> [B, H, D] in q's dtype.  No fallback: callers go through `attention`,
+  which checks `kernel_unavailable_reason` first."""
+  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
+
+  from jw4a16 import launch  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import decode_attention_kernel  # noqa: PLC0415
+
+  b, h, d = q.shape
+  s, kvh = k_cache.shape[1], k_cache.shape[2]
+  r = h // kvh
+  split = split or split_for(b, kvh, s, _num_sms(), block_s)
+  if split < 1 or split & (split - 1):
+    raise ValueError(f"split={split} must be a power of two >= 1")
+  block_r = max(16, 1 << math.ceil(math.log2(r)))
+  launcher = launch.resolve_launcher()
+  triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
+  slots = b * kvh * split if split > 1 else 1
+  out, _, _ = triton_call(
+      q, k_cache, v_cache, lengths.astype(jnp.int32), ops._split_counters(b * kvh, launcher),  # noqa: SLF001
+      kernel=decode_attention_kernel, grid=(b * kvh, split), name="jw4a16_decode_attention",
+      out_shape=(jax.ShapeDtypeStruct((b, h, d), q.dtype), jax.ShapeDtypeStruct((slots, block_r, d), jnp.float32),
+                 jax.ShapeDtypeStruct((slots, 2, block_r), jnp.float32)),
+      num_warps=num_warps, num_stages=num_stages,
+      S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s, SPLIT=split)
+  return out
+
+
+def attention(q, k_cache, v_cache, index, *, allow_kernel: bool = True):
+  """q [B, T, H, D] at positions index .. index + T - 1 (index a traced or concrete scalar) against caches
+  [B, S, KVH, D] already holding those positions -> [B, T, H, D]: the decode kernel for T = 1 where it can run
+  (`kernel_unavailable_reason`) and allow_kernel (False for arrays sharded by GSPMD, which the custom call
+  would gather), the reference otherwise."""
+  b, t, h, d, s, kvh = check_attention_args(q, k_cache, v_cache)
+  if allow_kernel and kernel_unavailable_reason(q, k_cache) is None:
+    lengths = jnp.full((b,), 1, jnp.int32) + jnp.asarray(index, jnp.int32)
+    return decode_attention(q[:, 0], k_cache, v_cache, lengths)[:, None]
+  return attention_reference(q, k_cache, v_cache, index)
+
+
+__all__ = ["attention", "attention_reference", "check_attention_args", "decode_attention",
+           "kernel_unavailable_reason", "split_for"]

@@ -1,0 +1,104 @@
+"""Decode attention: the jnp reference against plain numpy, the Triton kernel in the interpreter against numpy,
+argument checks, and the dispatch (tests/test_gpu.py runs the kernel through jax-triton on a GPU)."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from jw4a16 import attention
+from tests.interpret import run_attention_kernel
+
+
+def naive(q, k, v, index):
+  """float64 causal GQA attention: q [B, T, H, D] at positions index.., caches [B, S, KVH, D]."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  b, t, h, d = q.shape
+  kvh = k.shape[2]
+  out = np.zeros((b, t, h, d))
+  for bi in range(b):
+    for ti in range(t):
+      for hi in range(h):
+        g = hi // (h // kvh)
+        n = index + ti + 1
+        sc = k[bi, :n, g] @ q[bi, ti, hi] / np.sqrt(d)
+        p = np.exp(sc - sc.max())
+        out[bi, ti, hi] = (p / p.sum()) @ v[bi, :n, g]
+  return out
+
+
+def _rand(shape, dtype, seed):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32).astype(dtype)
+
+
+@pytest.mark.parametrize("t,index", [(1, 0), (1, 11), (4, 3)])
+def test_reference_matches_numpy(t, index):
+  b, s, kvh, r, d = 2, 16, 2, 3, 8
+  q = _rand((b, t, kvh * r, d), np.float32, 0)
+  k, v = _rand((b, s, kvh, d), np.float32, 1), _rand((b, s, kvh, d), np.float32, 2)
+  v[:, index + t:] = 1e3  # slots past the last position must not count
+  got = np.asarray(attention.attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), index))
+  np.testing.assert_allclose(got, naive(q, k, v, index), rtol=1e-4, atol=1e-4)
+
+
+CASES = [  # b, s, kvh, r, d, lengths, split, dtype
+    (2, 96, 2, 4, 32, [1, 70], 1, ml_dtypes.bfloat16),  # s not a multiple of BLOCK_S; a length of 1
+    (2, 96, 2, 4, 32, [96, 5], 4, ml_dtypes.bfloat16),  # split 4: the second sequence leaves splits empty
+    (1, 256, 1, 8, 64, [200], 2, np.float16),
+    (1, 64, 4, 1, 16, [64], 8, ml_dtypes.bfloat16),  # R = 1 (multi-head), more splits than blocks
+    (3, 130, 2, 5, 32, [130, 64, 65], 2, np.float16),  # R = 5 (rows masked to BLOCK_R = 16)
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}-s{c[1]}-kvh{c[2]}-r{c[3]}-d{c[4]}-split{c[6]}" for c in CASES])
+def test_kernel_matches_numpy(case):
+  b, s, kvh, r, d, lengths, split, dtype = case
+  q = _rand((b, kvh * r, d), dtype, 3)
+  k, v = _rand((b, s, kvh, d), dtype, 4), _rand((b, s, kvh, d), dtype, 5)
+  for bi, n in enumerate(lengths):
+    k[bi, n:], v[bi, n:] = 100, 100  # beyond the length: would swamp the result if read
+  got = run_attention_kernel(q, k, v, lengths, split=split)
+  want = np.stack([naive(q[bi:bi + 1, None], k[bi:bi + 1], v[bi:bi + 1], n - 1)[0, 0]
+                   for bi, n in enumerate(lengths)])
+  assert np.isfinite(got).all()
+  # P rounded to the cache dtype before P @ V (as flash attention does), the output rounded once
+  assert np.abs(got - want).max() < 3e-2, np.abs(got - want).max()
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_split_for():
+  assert attention.split_for(1, 8, 256, 132) == 1  # 256 positions: one split of four blocks of 64
+  assert attention.split_for(1, 8, 2048, 132) == 8  # 66 / 8 -> 9 wanted -> 8
+  assert attention.split_for(1, 8, 16384, 132) == 8
+  assert attention.split_for(1, 1, 16384, 132) == 32  # 66 wanted, capped at 32
+  assert attention.split_for(16, 8, 2048, 132) == 1
+  assert attention.split_for(1, 1, 10, 132) == 1
+
+
+def test_bad_arguments():
+  q = jnp.zeros((1, 1, 8, 16), jnp.bfloat16)
+  c = jnp.zeros((1, 32, 2, 16), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"q: expected \[B, T, H, D\]"):
+    attention.attention(q[0], c, c, 0)
+  with pytest.raises(ValueError, match=r"k_cache: expected \[B=1, S, KVH, D=16\]"):
+    attention.attention(q, c[..., :8], c, 0)
+  with pytest.raises(ValueError, match="v_cache: dtype float16 differs"):
+    attention.attention(q, c, c.astype(jnp.float16), 0)
+  with pytest.raises(ValueError, match="v_cache: shape"):
+    attention.attention(q, c, c[:, :16], 0)
+  with pytest.raises(ValueError, match="q: 8 heads are not a multiple of the caches' 3 kv heads"):
+    attention.attention(q, jnp.zeros((1, 32, 3, 16), jnp.bfloat16), jnp.zeros((1, 32, 3, 16), jnp.bfloat16), 0)
+
+
+def test_dispatch_reasons(monkeypatch):
+  q = jnp.zeros((1, 1, 8, 128), jnp.bfloat16)
+  c = jnp.zeros((1, 32, 2, 128), jnp.bfloat16)
+  assert "query positions" in attention.kernel_unavailable_reason(jnp.zeros((1, 2, 8, 128), jnp.bfloat16), c)
+  assert "dtype float32" in attention.kernel_unavailable_reason(q.astype(jnp.float32), c)
+  assert "power of two" in attention.kernel_unavailable_reason(jnp.zeros((1, 1, 8, 96), jnp.bfloat16), c)
+  monkeypatch.setenv(attention.DISABLE_ENV, "0")
+  assert attention.DISABLE_ENV in attention.kernel_unavailable_reason(q, c)
+  monkeypatch.delenv(attention.DISABLE_ENV)
+  assert "Triton path cannot run" in attention.kernel_unavailable_reason(q, c)  # CPU: the reference
