@@ -9,7 +9,6 @@ fp32 (flash attention's numerics): on H100 it differs from the reference by bf16
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -87,12 +86,6 @@ def split_for(b: int, kvh: int, s: int, num_sms: int, block_s: int = BLOCK_S) ->
   return 1 << max(0, math.floor(math.log2(max(want, 1))))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms() -> int:
-  dev = jax.devices()[0]
-  return getattr(dev, "core_count", None) or 132
-
-
 def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, block_s: int = BLOCK_S,
                      num_warps: int = 4, num_stages: int = 3):
   """The Triton decode kernel: q [B, H, D], caches [B, S, KVH, D], lengths [B] int32 (sequence b attends cache
@@ -106,7 +99,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
   b, h, d = q.shape
   s, kvh = k_cache.shape[1], k_cache.shape[2]
   r = h // kvh
-  split = split or split_for(b, kvh, s, _num_sms(), block_s)
+  split = split or split_for(b, kvh, s, ops.current_target().num_sms, block_s)
   if split < 1 or split & (split - 1):
     raise ValueError(f"split={split} must be a power of two >= 1")
   block_r = max(16, 1 << math.ceil(math.log2(r)))
@@ -114,7 +107,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
   triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
   slots = b * kvh * split if split > 1 else 1
   out, _, _ = triton_call(
-      q, k_cache, v_cache, lengths.astype(jnp.int32), ops._split_counters(b * kvh, launcher),  # noqa: SLF001
+      q, k_cache, v_cache, lengths.astype(jnp.int32), ops.split_counters(b * kvh, launcher),
       kernel=decode_attention_kernel, grid=(b * kvh, split), name="jw4a16_decode_attention",
       out_shape=(jax.ShapeDtypeStruct((b, h, d), q.dtype), jax.ShapeDtypeStruct((slots, block_r, d), jnp.float32),
                  jax.ShapeDtypeStruct((slots, 2, block_r), jnp.float32)),

@@ -65,7 +65,7 @@ def resolve_packing(packing: str, k: int, group_size: int) -> str:
   return preferred_packing(k, group_size) if packing == "auto" else packing
 
 
-def _split_counters(n: int, launcher: str) -> jax.Array:
+def split_counters(n: int, launcher: str) -> jax.Array:
   """The split-K kernels' n arrival counters, zero at the launch.
 
   The kernels draw tickets from them and the last program of each tile sets its counter back to zero
@@ -113,7 +113,7 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packin
   launcher = launch.resolve_launcher()
   triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
   out, _ = triton_call(
-      x2d, qweight, scales, scales if qzeros is None else qzeros, m, _split_counters(locks[0], launcher),
+      x2d, qweight, scales, scales if qzeros is None else qzeros, m, split_counters(locks[0], launcher),
       kernel=KERNELS[cfg.kernel], grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
       out_shape=(jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32)),
       num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jw4a16 import attention, profiling
+from jw4a16 import attention, ops, profiling
 
 H, KVH, D = 32, 8, 128
 VARIANTS = ((64, 4, 3), (64, 4, 2), (128, 4, 2), (128, 8, 2), (32, 4, 2), (64, 8, 2))  # block_s, warps, stages
@@ -43,7 +43,7 @@ def main(argv=None):
     variants = VARIANTS if a.sweep else VARIANTS[:1]
     rows = []
     for bs, nw, st in variants:
-      base = attention.split_for(b, KVH, s, attention._num_sms(), bs)  # noqa: SLF001
+      base = attention.split_for(b, KVH, s, ops.current_target().num_sms, bs)
       for split in sorted({max(1, base // 4), base, min(attention.SPLIT_MAX, base * 4)}) if a.sweep else [base]:
         f = jax.jit(lambda qs, caches, lens, bs=bs, nw=nw, st=st, split=split: [
             attention.decode_attention(qs[l], *caches[l], lens, split=split, block_s=bs, num_warps=nw,

@@ -134,7 +134,7 @@ def test_triton_reason_on_cpu():
 def test_split_counters_start_at_zero():
   """The split-K counters: zero where the kernel reads them; the default launch's constant ends in a 1 that no
   kernel reads (never an all-zero constant), the FFI launch's buffer is plain zeros made per call."""
-  legacy = np.asarray(ops._split_counters(6, "legacy"))
+  legacy = np.asarray(ops.split_counters(6, "legacy"))
   assert legacy.dtype == np.int32 and legacy.tolist() == [0] * 6 + [1]
-  ffi = jax.jit(lambda: ops._split_counters(6, "ffi"))()
+  ffi = jax.jit(lambda: ops.split_counters(6, "ffi"))()
   assert ffi.dtype == jnp.int32 and np.asarray(ffi).tolist() == [0] * 6
