@@ -94,7 +94,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
   import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
 
   from jw4a16 import launch  # noqa: PLC0415
-  from jw4a16.kernels.decode_attention import decode_attention_kernel  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import block_rows, decode_attention_kernel  # noqa: PLC0415
 
   b, h, d = q.shape
   s, kvh = k_cache.shape[1], k_cache.shape[2]
@@ -102,7 +102,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
   split = split or split_for(b, kvh, s, ops.current_target().num_sms, block_s)
   if split < 1 or split & (split - 1):
     raise ValueError(f"split={split} must be a power of two >= 1")
-  block_r = max(16, 1 << math.ceil(math.log2(r)))
+  block_r = block_rows(r)
   launcher = launch.resolve_launcher()
   triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
   slots = b * kvh * split if split > 1 else 1

@@ -95,14 +95,14 @@ def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConf
 def run_attention_kernel(q, k_cache, v_cache, lengths, *, split: int, block_s: int = 64):
   """Mirrors jw4a16.attention.decode_attention with CPU torch tensors: q [B, H, D], caches [B, S, KVH, D] (bf16
   or fp16 numpy), lengths [B] -> float32 numpy [B, H, D].  Checks that the counters are left at zero."""
-  from jw4a16.kernels.decode_attention import decode_attention_kernel  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import block_rows, decode_attention_kernel  # noqa: PLC0415
 
   patch_interpreter()
   q, k_cache, v_cache = (np.asarray(a) for a in (q, k_cache, v_cache))
   b, h, d = q.shape
   s, kvh = k_cache.shape[1], k_cache.shape[2]
   r = h // kvh
-  block_r = max(16, 1 << (r - 1).bit_length())
+  block_r = block_rows(r)
   dtype = torch.bfloat16 if q.dtype == ml_dtypes.bfloat16 else torch.float16
   out = torch.full((b, h, d), float("nan"), dtype=dtype)  # an element left unwritten fails the test
   slots = b * kvh * split if split > 1 else 1

@@ -68,12 +68,12 @@ def compile_attention(target: str, *, dtype: str = "bfloat16", s: int, kvh: int,
                       block_s: int = 64, num_warps: int = 4, num_stages: int = 3):
   """Compiles the decode-attention kernel (kernels/decode_attention.py) for `target` with the constexprs
   jw4a16.attention.decode_attention passes."""
-  from jw4a16.kernels.decode_attention import decode_attention_kernel  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import block_rows, decode_attention_kernel  # noqa: PLC0415
 
   tt = _TT[dtype]
   sig = {"q_ptr": f"*{tt}", "k_ptr": f"*{tt}", "v_ptr": f"*{tt}", "len_ptr": "*i32", "lock_ptr": "*i32",
          "out_ptr": f"*{tt}", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
-  constexprs = dict(S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=max(16, triton.next_power_of_2(r)),
+  constexprs = dict(S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_rows(r),
                     BLOCK_S=block_s, SPLIT=split)
   sig.update({name: "constexpr" for name in constexprs})
   attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}

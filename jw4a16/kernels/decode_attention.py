@@ -24,6 +24,11 @@ import triton
 import triton.language as tl
 
 
+def block_rows(r: int) -> int:
+  """BLOCK_R for R query heads a kv head: a power of two >= 16, so that tl.dot lands on the matrix units."""
+  return max(16, triton.next_power_of_2(r))
+
+
 @triton.jit
 def decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, lock_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                             S: tl.constexpr, KVH: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
