@@ -91,6 +91,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
   """The Triton decode kernel: q [B, H, D], caches [B, S, KVH, D], lengths [B] int32 (sequence b attends cache
   slots 0 .. lengths[b] - 1; each >= 1) -> [B, H, D] in q's dtype.  No fallback: callers go through `attention`,
   which checks `kernel_unavailable_reason` first."""
+  if split is not None and (split < 1 or split & (split - 1)):
+    raise ValueError(f"split={split} must be a power of two >= 1")
   import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
 
   from jw4a16 import launch  # noqa: PLC0415
@@ -100,8 +102,6 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
   s, kvh = k_cache.shape[1], k_cache.shape[2]
   r = h // kvh
   split = split or split_for(b, kvh, s, ops.current_target().num_sms, block_s)
-  if split < 1 or split & (split - 1):
-    raise ValueError(f"split={split} must be a power of two >= 1")
   block_r = block_rows(r)
   launcher = launch.resolve_launcher()
   triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call

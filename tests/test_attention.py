@@ -92,6 +92,14 @@ def test_bad_arguments():
     attention.attention(q, jnp.zeros((1, 32, 3, 16), jnp.bfloat16), jnp.zeros((1, 32, 3, 16), jnp.bfloat16), 0)
 
 
+@pytest.mark.parametrize("split", [3, -2])
+def test_bad_split_is_refused(split):
+  q = jnp.zeros((1, 8, 16), jnp.bfloat16)
+  c = jnp.zeros((1, 32, 2, 16), jnp.bfloat16)
+  with pytest.raises(ValueError, match=f"split={split} must be a power of two"):
+    attention.decode_attention(q, c, c, jnp.ones((1,), jnp.int32), split=split)
+
+
 def test_dispatch_reasons(monkeypatch):
   q = jnp.zeros((1, 1, 8, 128), jnp.bfloat16)
   c = jnp.zeros((1, 32, 2, 128), jnp.bfloat16)
