@@ -37,7 +37,7 @@ def report(name: str, wall_us: float, s: dict):
     print(f"     {c:7.1f} {t:9.1f}  {n}")
 
 
-def trace_steps(fn, args_fn, steps: int, trace_dir: str):
+def trace_steps(fn, args_fn, steps: int, trace_dir: str, top: int = 12):
   """Runs fn(*args_fn(i)) `steps` times untraced (timed) and then traced; returns (median wall us, summary)."""
   for i in range(3):
     jax.block_until_ready(fn(*args_fn(i)))
@@ -50,7 +50,7 @@ def trace_steps(fn, args_fn, steps: int, trace_dir: str):
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for i in range(steps):
       jax.block_until_ready(fn(*args_fn(i)))
-  return statistics.median(ts) * 1e6, summarize(trace_dir, steps)
+  return statistics.median(ts) * 1e6, summarize(trace_dir, steps, top)
 
 
 def main(argv=None):
@@ -69,6 +69,7 @@ def main(argv=None):
                  help="passed to jax.jit(compiler_options=...) of the decode step, "
                       "e.g. xla_gpu_graph_min_graph_size=1000")
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--top", type=int, default=12, help="how many event names to list (device and host)")
   p.add_argument("--trace-dir", default="/tmp/jw4a16-trace")
   p.add_argument("--json", default=None, help="append the summary as one JSON line to this file")
   a = p.parse_args(argv)
@@ -86,7 +87,7 @@ def main(argv=None):
       sets = [(to_fragment_packed(qw), s, qz) for qw, s, qz in sets]
     x = jax.random.normal(jax.random.key(99), (a.m, k), jnp.bfloat16)
     many = jax.jit(lambda x, ws: [w4a16_matmul(x, *w, group_size=128, packing=packing) for w in ws])
-    wall, s = trace_steps(many, lambda i: (x, sets), a.steps, a.trace_dir)
+    wall, s = trace_steps(many, lambda i: (x, sets), a.steps, a.trace_dir, a.top)
     name = f"op {k}x{n} M={a.m} packing={packing}, {a.copies} calls per step"
     report(name, wall, s)
     print(f"   per op: wall {wall / a.copies:.1f} us, GPU busy {s['gpu_busy_us_per_step'] / a.copies:.1f} us")
@@ -111,7 +112,7 @@ def main(argv=None):
     t = time.perf_counter()
     jax.block_until_ready(run(params, ids, np.int32(0)))
     print(f"compile + first step: {time.perf_counter() - t:.1f} s", flush=True)
-    wall, s = trace_steps(run, lambda i: (params, ids, np.int32(1 + i % 200)), a.steps, a.trace_dir)
+    wall, s = trace_steps(run, lambda i: (params, ids, np.int32(1 + i % 200)), a.steps, a.trace_dir, a.top)
     name = (f"decode {a.variant} layers={a.layers} batch={a.batch} fused={not a.no_fuse} packing={a.packing} "
             f"options={opts}")
     report(name, wall, s)
