@@ -1,7 +1,10 @@
 """Grouped-query attention against a KV cache: the jnp reference (any number of query positions) and, for a decode
 step (one query position), the Triton kernel `kernels/decode_attention.py` where it can run.
 
-`attention(q, k_cache, v_cache, index)` is what the Llama model calls.  The reference follows Hugging Face
+`attention(q, k_cache, v_cache, index)` is what the Llama model calls for a prefill; for a decode step it calls
+`attention_step(qkv, cos, sin, k_cache, v_cache, index)`, which also applies the rotary embedding and writes the
+new keys and values into the caches (`kernels/decode_attention.decode_attention_step_kernel`: one launch for what
+XLA ran as five kernels of attention and four of rotary and cache writes).  The reference follows Hugging Face
 transformers' eager attention in the activation dtype (scores rounded to it, softmax in fp32, probabilities rounded
 back), so the CPU path matches transformers to bf16 rounding (tests/test_model.py).  The kernel keeps the scores in
 fp32 (flash attention's numerics): on H100 it differs from the reference by bf16 rounding of the output.
@@ -37,6 +40,29 @@ def attention_reference(q, k_cache, v_cache, index):
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
   out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_cache, preferred_element_type=jnp.float32).astype(dt)
   return out.reshape(b, t, h, d)
+
+
+def rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+  """transformers' apply_rotary_pos_emb for one tensor: x [..., D] with cos and sin broadcast against it."""
+  return x * cos + rotate_half(x) * sin
+
+
+def write_cache(cache, new, index):
+  """cache [B, S, KVH, D] with new [B, T, KVH, D] at positions index .. index + T - 1 (in place when donated)."""
+  return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, index, 0, 0))
+
+
+def split_qkv(qkv, num_heads: int, num_kv_heads: int, head_dim: int):
+  """[..., (H + 2 KVH) * D] -> q [..., H, D], k and v [..., KVH, D]."""
+  h, kvh, d = num_heads, num_kv_heads, head_dim
+  q, k, v = jnp.split(qkv, [h * d, (h + kvh) * d], axis=-1)
+  lead = qkv.shape[:-1]
+  return q.reshape(*lead, h, d), k.reshape(*lead, kvh, d), v.reshape(*lead, kvh, d)
 
 
 def check_attention_args(q, k_cache, v_cache):
@@ -75,6 +101,26 @@ def kernel_unavailable_reason(q, k_cache) -> str | None:
   if ops.resolve_backend() != "triton":
     return "the Triton path cannot run here (ops.resolve_backend)"
   return None
+
+
+def check_step_args(qkv, cos, sin, k_cache, v_cache):
+  """(B, H, D, S, KVH) of valid `attention_step` arguments, else a ValueError naming the argument."""
+  if k_cache.ndim != 4:
+    raise ValueError(f"k_cache: expected [B, S, KVH, D], got shape {k_cache.shape}")
+  b, s, kvh, d = k_cache.shape
+  if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+    raise ValueError(f"v_cache: expected {k_cache.dtype} {k_cache.shape} as k_cache, got {v_cache.dtype} "
+                     f"{v_cache.shape}")
+  if qkv.ndim != 2 or qkv.shape[0] != b or qkv.shape[1] % d or qkv.shape[1] // d <= 2 * kvh \
+     or (qkv.shape[1] // d - 2 * kvh) % kvh:
+    raise ValueError(f"qkv: expected [B={b}, (H + 2 * {kvh}) * {d}] with H a multiple of {kvh}, got shape "
+                     f"{qkv.shape}")
+  if qkv.dtype != k_cache.dtype:
+    raise ValueError(f"qkv: dtype {qkv.dtype} differs from the caches' {k_cache.dtype}")
+  for name, a in (("cos", cos), ("sin", sin)):
+    if a.shape != (d,):
+      raise ValueError(f"{name}: expected [D={d}], got shape {a.shape}")
+  return b, qkv.shape[1] // d - 2 * kvh, d, s, kvh
 
 
 def split_for(b: int, kvh: int, s: int, num_sms: int, block_s: int = BLOCK_S) -> int:
@@ -116,6 +162,59 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
   return out
 
 
+def decode_attention_step(qkv, cos, sin, k_cache, v_cache, lengths, *, split: int | None = None,
+                          block_s: int = BLOCK_S, num_warps: int = 4, num_stages: int = 3):
+  """The Triton step kernel: qkv [B, (H + 2 KVH) * D], cos and sin [D], caches [B, S, KVH, D], lengths [B] int32
+  (the new position of sequence b is lengths[b] - 1) -> (out [B, H, D], k_cache, v_cache), the caches updated in
+  place (aliased).  No fallback: callers go through `attention_step`."""
+  if split is not None and (split < 1 or split & (split - 1)):
+    raise ValueError(f"split={split} must be a power of two >= 1")
+  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
+
+  from jw4a16 import launch  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import block_rows, decode_attention_step_kernel  # noqa: PLC0415
+
+  b, h, d, s, kvh = check_step_args(qkv, cos, sin, k_cache, v_cache)
+  r = h // kvh
+  split = split or split_for(b, kvh, s, ops.current_target().num_sms, block_s)
+  block_r = block_rows(r)
+  launcher = launch.resolve_launcher()
+  triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
+  slots = b * kvh * split if split > 1 else 1
+  out, k_cache, v_cache, _, _ = triton_call(
+      qkv, cos.astype(qkv.dtype), sin.astype(qkv.dtype), k_cache, v_cache, lengths.astype(jnp.int32),
+      ops.split_counters(b * kvh, launcher),
+      kernel=decode_attention_step_kernel, grid=(b * kvh, split), name="jw4a16_decode_attention_step",
+      out_shape=(jax.ShapeDtypeStruct((b, h, d), qkv.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+                 jax.ShapeDtypeStruct((slots, block_r, d), jnp.float32),
+                 jax.ShapeDtypeStruct((slots, 2, block_r), jnp.float32)),
+      input_output_aliases={3: 1, 4: 2}, num_warps=num_warps, num_stages=num_stages,
+      S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s, SPLIT=split)
+  return out, k_cache, v_cache
+
+
+def attention_step_reference(qkv, cos, sin, k_cache, v_cache, index):
+  """What `attention_step` computes, in jnp: split, rotary, cache writes, `attention_reference`."""
+  b, h, d, s, kvh = check_step_args(qkv, cos, sin, k_cache, v_cache)
+  q, k, v = split_qkv(qkv[:, None], h, kvh, d)
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  k_cache, v_cache = write_cache(k_cache, k, index), write_cache(v_cache, v, index)
+  return attention_reference(q, k_cache, v_cache, index)[:, 0], k_cache, v_cache
+
+
+def attention_step(qkv, cos, sin, k_cache, v_cache, index, *, allow_kernel: bool = True):
+  """One decode position of every sequence, from the q/k/v projection's output: qkv [B, (H + 2 KVH) * D] ([q | k |
+  v], rows of position `index`, before the rotary embedding), cos and sin [D] of that position, caches [B, S, KVH,
+  D] -> (out [B, H, D], k_cache, v_cache with the rotated k and the v at `index`).  The step kernel where it can
+  run (`kernel_unavailable_reason`) and allow_kernel, the jnp reference otherwise."""
+  b, h, d, s, kvh = check_step_args(qkv, cos, sin, k_cache, v_cache)
+  if allow_kernel and kernel_unavailable_reason(jax.ShapeDtypeStruct((b, 1, h, d), qkv.dtype), k_cache) is None:
+    lengths = jnp.full((b,), 1, jnp.int32) + jnp.asarray(index, jnp.int32)
+    return decode_attention_step(qkv, cos, sin, k_cache, v_cache, lengths)
+  return attention_step_reference(qkv, cos, sin, k_cache, v_cache, index)
+
+
 def attention(q, k_cache, v_cache, index, *, allow_kernel: bool = True):
   """q [B, T, H, D] at positions index .. index + T - 1 (index a traced or concrete scalar) against caches
   [B, S, KVH, D] already holding those positions -> [B, T, H, D]: the decode kernel for T = 1 where it can run
@@ -128,5 +227,6 @@ def attention(q, k_cache, v_cache, index, *, allow_kernel: bool = True):
   return attention_reference(q, k_cache, v_cache, index)
 
 
-__all__ = ["attention", "attention_reference", "check_attention_args", "decode_attention",
-           "kernel_unavailable_reason", "split_for"]
+__all__ = ["apply_rope", "attention", "attention_reference", "attention_step", "attention_step_reference",
+           "check_attention_args", "check_step_args", "decode_attention", "decode_attention_step",
+           "kernel_unavailable_reason", "rotate_half", "split_for", "split_qkv", "write_cache"]

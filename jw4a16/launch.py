@@ -82,7 +82,7 @@ def _primitive():
 
 
 def ffi_triton_call(*args, kernel, out_shape, grid, name: str = "", num_warps: int | None = None,
-                    num_stages: int | None = None, zeroed_outputs=(), **metaparams):
+                    num_stages: int | None = None, zeroed_outputs=(), input_output_aliases=None, **metaparams):
   """`jax_triton.triton_call` (same arguments: arrays, then Python scalars; out_shape a sequence of
   ShapeDtypeStructs; constexprs as keywords), launched through jaxlib's FFI Triton target on CUDA.  Returns the
   list of outputs."""
@@ -99,6 +99,7 @@ def ffi_triton_call(*args, kernel, out_shape, grid, name: str = "", num_warps: i
   out = _primitive().bind(
       *array_args, fn=kernel, scalar_args=tuple(scalar_args), name=name, custom_call_target_name=LEGACY_TARGET,
       out_shapes=tuple(flat_out), grid=grid, num_warps=num_warps, num_stages=num_stages, num_ctas=1,
-      compute_capability=None, enable_fp_fusion=True, input_output_aliases=(), zeroed_outputs=zeroed_outputs,
+      compute_capability=None, enable_fp_fusion=True,
+      input_output_aliases=tuple((input_output_aliases or {}).items()), zeroed_outputs=zeroed_outputs,
       debug=False, serialized_metadata=b"", **metaparams)
   return tree_util.tree_unflatten(out_tree, out)

@@ -117,4 +117,36 @@ def run_attention_kernel(q, k_cache, v_cache, lengths, *, split: int, block_s: i
   return out.float().numpy()
 
 
-__all__ = ["patch_interpreter", "run_attention_kernel", "run_kernel"]
+def run_attention_step_kernel(qkv, cos, sin, k_cache, v_cache, lengths, *, split: int, block_s: int = 64):
+  """Mirrors jw4a16.attention.decode_attention_step: qkv [B, (H + 2 KVH) * D], cos and sin [D], caches [B, S, KVH,
+  D] (bf16 or fp16 numpy), lengths [B] -> (float32 numpy out [B, H, D], k_cache, v_cache as numpy of the cache
+  dtype).  The caches are passed as both input and output, as the aliased GPU call does.  Checks that the counters
+  are left at zero."""
+  from jw4a16.kernels.decode_attention import block_rows, decode_attention_step_kernel  # noqa: PLC0415
+
+  patch_interpreter()
+  qkv, cos, sin, k_cache, v_cache = (np.asarray(a) for a in (qkv, cos, sin, k_cache, v_cache))
+  b, s, kvh, d = k_cache.shape
+  h = qkv.shape[1] // d - 2 * kvh
+  r = h // kvh
+  block_r = block_rows(r)
+  dtype = torch.bfloat16 if qkv.dtype == ml_dtypes.bfloat16 else torch.float16
+  out = torch.full((b, h, d), float("nan"), dtype=dtype)
+  slots = b * kvh * split if split > 1 else 1
+  part_acc = torch.full((slots, block_r, d), float("nan"))
+  part_ml = torch.full((slots, 2, block_r), float("nan"))
+  locks = torch.zeros(b * kvh + 1, dtype=torch.int32)
+  kc, vc = _torch(k_cache), _torch(v_cache)
+  decode_attention_step_kernel[(b * kvh, split)](
+      _torch(qkv), _torch(cos), _torch(sin), kc, vc, torch.from_numpy(np.asarray(lengths, np.int32)), locks, out,
+      kc, vc, part_acc, part_ml, S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s,
+      SPLIT=split, num_warps=4, num_stages=3)
+  assert (locks == 0).all(), locks
+
+  def back(t):
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+  return out.float().numpy(), back(kc), back(vc)
+
+
+__all__ = ["patch_interpreter", "run_attention_kernel", "run_attention_step_kernel", "run_kernel"]

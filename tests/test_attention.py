@@ -8,7 +8,7 @@ import pytest
 import jax.numpy as jnp
 
 from jw4a16 import attention
-from tests.interpret import run_attention_kernel
+from tests.interpret import run_attention_kernel, run_attention_step_kernel
 
 
 def naive(q, k, v, index):
@@ -66,6 +66,96 @@ def test_kernel_matches_numpy(case):
   # P rounded to the cache dtype before P @ V (as flash attention does), the output rounded once
   assert np.abs(got - want).max() < 3e-2, np.abs(got - want).max()
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+def naive_rope(x, pos, d, theta=10000.0):
+  """float64 rotary embedding of heads x [..., D] at position pos (transformers' rotate_half convention)."""
+  inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+  ang = np.concatenate([pos * inv, pos * inv])
+  x = np.asarray(x, np.float64)
+  return x * np.cos(ang) + np.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1) * np.sin(ang)
+
+
+STEP_CASES = [  # b, s, kvh, r, d, lengths, split, dtype
+    (2, 96, 2, 4, 32, [1, 70], 1, ml_dtypes.bfloat16),  # the new position is the only one / mid-block
+    (2, 96, 2, 4, 32, [96, 65], 4, ml_dtypes.bfloat16),  # the last slot of the cache; a split's first position
+    (1, 256, 1, 8, 64, [129], 2, np.float16),  # the new position alone in the second split
+    (3, 130, 2, 5, 32, [130, 64, 3], 8, ml_dtypes.bfloat16),  # R = 5, empty splits
+    (2, 96, 2, 4, 32, [96, 96], 2, ml_dtypes.bfloat16),  # one position for the batch: also run as one launch
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", STEP_CASES,
+                         ids=[f"b{c[0]}-s{c[1]}-kvh{c[2]}-r{c[3]}-d{c[4]}-split{c[6]}" for c in STEP_CASES])
+def test_step_kernel_matches_numpy(case):
+  """The step kernel rotates q and the new k, writes the new k and v at length - 1 (nothing else in the caches
+  changes) and attends 0 .. length - 1, with that position taken from the projection row, not the stale cache."""
+  b, s, kvh, r, d, lengths, split, dtype = case
+  h = kvh * r
+  qkv = _rand((b, (h + 2 * kvh) * d), dtype, 6)
+  k, v = _rand((b, s, kvh, d), dtype, 7), _rand((b, s, kvh, d), dtype, 8)
+  for bi, n in enumerate(lengths):
+    k[bi, n - 1:], v[bi, n - 1:] = 100, 100  # the stale new slot and beyond: would swamp the result if read
+  pos = np.asarray(lengths) - 1
+  outs, k_want, v_want = [], k.astype(np.float64), v.astype(np.float64)
+  for bi, n in enumerate(lengths):
+    inv = 1.0 / 10000.0 ** (np.arange(0, d, 2) / d)
+    ang = np.concatenate([pos[bi] * inv, pos[bi] * inv])
+    cos, sin = np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
+    got, kc, vc = run_attention_step_kernel(qkv[bi:bi + 1], cos, sin, k[bi:bi + 1], v[bi:bi + 1], [n], split=split)
+    q_new, k_new, v_new = np.split(qkv[bi].astype(np.float64), [h * d, (h + kvh) * d])
+    q_rot = naive_rope(q_new.reshape(h, d), pos[bi], d)
+    k_rot = naive_rope(k_new.reshape(kvh, d), pos[bi], d)
+    k_want[bi, n - 1], v_want[bi, n - 1] = k_rot, v_new.reshape(kvh, d)
+    np.testing.assert_allclose(kc[0].astype(np.float64), k_want[bi], rtol=2e-2, atol=2e-2)
+    np.testing.assert_array_equal(vc[0].astype(np.float64), v_want[bi])
+    np.testing.assert_array_equal(np.delete(kc[0], n - 1, axis=0), np.delete(k[bi], n - 1, axis=0))
+    want = naive(q_rot[None, None], k_want[bi:bi + 1], v_want[bi:bi + 1], n - 1)[0, 0]
+    assert np.isfinite(got).all()
+    assert np.abs(got[0] - want).max() < 3e-2, np.abs(got[0] - want).max()
+    assert np.linalg.norm(got[0] - want) / np.linalg.norm(want) < 1e-2
+    outs.append(got[0])
+  if len(set(pos)) == 1:  # the batch in one launch (cos and sin are one position's, as in the model)
+    got, _, _ = run_attention_step_kernel(qkv, cos, sin, k, v, lengths, split=split)
+    np.testing.assert_allclose(got, np.stack(outs), rtol=0, atol=1e-6)
+
+
+def test_step_reference_matches_model_path():
+  """attention_step's jnp path = the prefill path's pieces (split, rope, cache write, attention) at T = 1."""
+  b, s, kvh, r, d, index = 2, 16, 2, 3, 8, 5
+  h = kvh * r
+  qkv = jnp.asarray(_rand((b, (h + 2 * kvh) * d), np.float32, 9))
+  k, v = (jnp.asarray(_rand((b, s, kvh, d), np.float32, i)) for i in (10, 11))
+  ang = index / 10000.0 ** (np.arange(0, d, 2) / d)
+  cos, sin = (jnp.asarray(np.concatenate([f(ang), f(ang)]), jnp.float32) for f in (np.cos, np.sin))
+  out, kc, vc = attention.attention_step(qkv, cos, sin, k, v, index)
+  q_rot = naive_rope(np.asarray(qkv[:, :h * d]).reshape(b, h, d), index, d)
+  k_rot = naive_rope(np.asarray(qkv[:, h * d:(h + kvh) * d]).reshape(b, kvh, d), index, d)
+  np.testing.assert_allclose(np.asarray(kc[:, index]), k_rot, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(vc[:, index]), np.asarray(qkv[:, (h + kvh) * d:]).reshape(b, kvh, d))
+  want = naive(q_rot[:, None], np.asarray(kc), np.asarray(vc), index)[:, 0]
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_step_arguments():
+  c = jnp.zeros((1, 32, 2, 16), jnp.bfloat16)
+  qkv = jnp.zeros((1, (8 + 4) * 16), jnp.bfloat16)
+  cs = jnp.zeros((16,), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"qkv: expected \[B=1, \(H \+ 2 \* 2\) \* 16\]"):
+    attention.attention_step(qkv[:, :-16], cs, cs, c, c, 0)
+  with pytest.raises(ValueError, match=r"qkv: expected"):
+    attention.attention_step(jnp.zeros((2, 12 * 16), jnp.bfloat16), cs, cs, c, c, 0)
+  with pytest.raises(ValueError, match="qkv: dtype float16 differs"):
+    attention.attention_step(qkv.astype(jnp.float16), cs, cs, c, c, 0)
+  with pytest.raises(ValueError, match=r"sin: expected \[D=16\]"):
+    attention.attention_step(qkv, cs, cs[:8], c, c, 0)
+  with pytest.raises(ValueError, match="v_cache: expected"):
+    attention.attention_step(qkv, cs, cs, c, c[:, :8], 0)
+  with pytest.raises(ValueError, match=r"k_cache: expected \[B, S, KVH, D\]"):
+    attention.attention_step(qkv, cs, cs, c[0], c, 0)
+  with pytest.raises(ValueError, match="split=3 must be a power of two"):
+    attention.decode_attention_step(qkv, cs, cs, c, c, jnp.ones((1,), jnp.int32), split=3)
 
 
 def test_split_for():

@@ -102,7 +102,9 @@ def test_compiles_within_limits(target, i):
 
 # The decode-attention kernel (jw4a16.attention) at Llama-3 shapes: 4 query heads a kv head, head_dim 128 (and 64),
 # one split (a long batch) and 16 splits (batch 1).
-ATTENTION_JOBS = [dict(kernel="decode_attention", dtype=dt, s=s, kvh=kvh, r=r, d=d, split=split)
+# The step kernel (rotary and cache writes folded in) at the same shapes.
+ATTENTION_JOBS = [dict(kernel="decode_attention", dtype=dt, s=s, kvh=kvh, r=r, d=d, split=split, step=step)
+                  for step in (False, True)
                   for dt, s, kvh, r, d, split in (("bfloat16", 2048, 8, 4, 128, 16), ("float16", 4096, 8, 4, 128, 1),
                                                   ("bfloat16", 512, 4, 8, 64, 4), ("bfloat16", 256, 32, 1, 128, 2))]
 

@@ -345,6 +345,45 @@ def test_decode_attention_splits(split):
     assert np.abs(got[bi] - want).max() < 3e-2
 
 
+@pytest.mark.parametrize("launcher", ["legacy", "ffi"])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_step_on_gpu(case, launcher, monkeypatch):
+  """attention_step at T = 1 runs the step kernel (index traced, caches donated as in the model's step): the
+  output against float64 numpy, the caches against the jnp path's (v exact; k, rotated in fp32 and rounded once,
+  within one bf16 / fp16 step), nothing else in the caches changed, the compiled step copies no cache (the
+  aliased outputs are the donated buffers), and a second call gives the same output (counters left at zero)."""
+  from jw4a16 import attention  # noqa: PLC0415
+  from tests.test_attention import naive, naive_rope  # noqa: PLC0415
+
+  monkeypatch.setenv("JW4A16_LAUNCHER", launcher)
+  b, s, kvh, r, d, index, dtype = case
+  h = kvh * r
+  keys = jax.random.split(jax.random.key(sum(case[:6]) + 1), 3)
+  qkv = jax.random.normal(keys[0], (b, (h + 2 * kvh) * d), dtype)
+  k, v = (jax.random.normal(kk, (b, s, kvh, d), dtype) for kk in keys[1:])
+  ang = index / 10000.0 ** (np.arange(0, d, 2) / d)
+  cos, sin = (jnp.asarray(np.concatenate([f(ang), f(ang)]), dtype) for f in (np.cos, np.sin))
+  assert attention.kernel_unavailable_reason(jax.ShapeDtypeStruct((b, 1, h, d), qkv.dtype), k) is None
+  want_out, want_k, want_v = jax.jit(attention.attention_step_reference)(qkv, cos, sin, k, v, np.int32(index))
+  k_np, v_np = np.asarray(k, np.float32), np.asarray(v, np.float32)
+  f = jax.jit(attention.attention_step, donate_argnums=(3, 4))
+  hlo = f.lower(qkv, cos, sin, k, v, np.int32(index)).compile().as_text()
+  assert not any(" copy(" in line and f"[{b},{s},{kvh},{d}]" in line for line in hlo.splitlines()), hlo
+  out, kc, vc = f(qkv, cos, sin, k, v, np.int32(index))
+  kc, vc = np.asarray(kc, np.float32), np.asarray(vc, np.float32)
+  np.testing.assert_array_equal(vc, np.asarray(want_v, np.float32))
+  np.testing.assert_allclose(kc[:, index], np.asarray(want_k, np.float32)[:, index], rtol=1e-2, atol=1e-2)
+  for c, old in ((kc, k_np), (vc, v_np)):
+    np.testing.assert_array_equal(np.delete(c, index, axis=1), np.delete(old, index, axis=1))
+  q_rot = naive_rope(np.asarray(qkv[:, :h * d], np.float32).reshape(b, 1, h, d), index, d)
+  want = naive(q_rot, kc, vc, index)[:, 0]
+  got = np.asarray(out, np.float32)
+  assert np.abs(got - want).max() < 3e-2 and np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+  assert np.linalg.norm(got - np.asarray(want_out, np.float32)) / np.linalg.norm(want) < 2e-2
+  out2, _, _ = f(qkv, cos, sin, jnp.asarray(k_np, dtype), jnp.asarray(v_np, dtype), np.int32(index))
+  np.testing.assert_array_equal(np.asarray(out2, np.float32), got)
+
+
 def test_llama_decode_step_kernel_matches_reference_attention(monkeypatch):
   """The model's decode step with the attention kernel against the same step with the reference attention
   ($JW4A16_DECODE_ATTENTION=0, read at trace time): logits within the bf16 tolerance of test_llama_logits_on_gpu

@@ -65,19 +65,27 @@ def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, 
 
 
 def compile_attention(target: str, *, dtype: str = "bfloat16", s: int, kvh: int, r: int, d: int, split: int,
-                      block_s: int = 64, num_warps: int = 4, num_stages: int = 3):
+                      block_s: int = 64, num_warps: int = 4, num_stages: int = 3, step: bool = False):
   """Compiles the decode-attention kernel (kernels/decode_attention.py) for `target` with the constexprs
-  jw4a16.attention.decode_attention passes."""
-  from jw4a16.kernels.decode_attention import block_rows, decode_attention_kernel  # noqa: PLC0415
+  jw4a16.attention.decode_attention passes; step=True: the step kernel (rotary and cache writes folded in), as
+  jw4a16.attention.decode_attention_step launches it."""
+  from jw4a16.kernels import decode_attention as da  # noqa: PLC0415
 
   tt = _TT[dtype]
-  sig = {"q_ptr": f"*{tt}", "k_ptr": f"*{tt}", "v_ptr": f"*{tt}", "len_ptr": "*i32", "lock_ptr": "*i32",
-         "out_ptr": f"*{tt}", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
-  constexprs = dict(S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_rows(r),
+  if step:
+    names = ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "len_ptr", "lock_ptr", "out_ptr", "k_out_ptr",
+             "v_out_ptr", "part_acc_ptr", "part_ml_ptr")
+    kernel = da.decode_attention_step_kernel
+  else:
+    names = ("q_ptr", "k_ptr", "v_ptr", "len_ptr", "lock_ptr", "out_ptr", "part_acc_ptr", "part_ml_ptr")
+    kernel = da.decode_attention_kernel
+  types = {"len_ptr": "*i32", "lock_ptr": "*i32", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
+  sig = {name: types.get(name, f"*{tt}") for name in names}
+  constexprs = dict(S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=da.block_rows(r),
                     BLOCK_S=block_s, SPLIT=split)
   sig.update({name: "constexpr" for name in constexprs})
-  attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
-  src = triton.compiler.ASTSource(fn=decode_attention_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+  attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
+  src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
   options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)
   return triton.compile(src, target=TARGETS[target], options=options)
 

@@ -18,6 +18,12 @@ reads each K and V row once for all R = H / KVH query heads that share it:
 
 q [B, H, D] and out [B, H, D] (head h = g * R + r), caches [B, S, KVH, D] (the model's layout), lengths [B]
 int32 >= 1.  D a power of two.
+
+`decode_attention_step_kernel` is the same attention with the rest of the step's attention work folded in: it
+reads q and the new k and v from the q/k/v projection's output row, applies the rotary embedding to q and k, and
+writes the new k and v into the caches in place (aliased outputs) before attending.  In XLA those were four more
+kernels a layer (the rotary's multiply and concatenate fusions, two dynamic-update-slice fusions: ~5.3 us of GPU
+time and four launches a layer of the Llama-3-8B decode step, session 14).
 """
 
 import triton
@@ -30,30 +36,20 @@ def block_rows(r: int) -> int:
 
 
 @triton.jit
-def decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, lock_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-                            S: tl.constexpr, KVH: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-                            SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-                            SPLIT: tl.constexpr):
-  pid_bg = tl.program_id(0)
-  pid_s = tl.program_id(1)
-  b = pid_bg // KVH
-  g = pid_bg % KVH
-  offs_r = tl.arange(0, BLOCK_R)
-  offs_d = tl.arange(0, D)
-  offs_s = tl.arange(0, BLOCK_S)
-  rmask = offs_r < R
-  head = pid_bg * R + offs_r  # rows of q and out: b * H + g * R + r
-  q = tl.load(q_ptr + head[:, None] * D + offs_d[None, :], mask=rmask[:, None], other=0.0)
-
+def _split_range(len_ptr, b, pid_s, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
+  """(length, start, end) of split pid_s of sequence b: ceil(length / SPLIT) positions rounded up to BLOCK_S."""
   length = tl.load(len_ptr + b)
   chunk = tl.cdiv(tl.cdiv(length, SPLIT), BLOCK_S) * BLOCK_S
   start = pid_s * chunk
-  end = tl.minimum(start + chunk, length)
-  row0 = b.to(tl.int64) * S  # int64: B * S * KVH * D may pass 2**31
+  return length, start, tl.minimum(start + chunk, length)
 
-  m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-  l_i = tl.zeros([BLOCK_R], tl.float32)
-  acc = tl.zeros([BLOCK_R, D], tl.float32)
+
+@triton.jit
+def _attend(q, k_ptr, v_ptr, row0, g, start, end, m_i, l_i, acc, KVH: tl.constexpr, D: tl.constexpr,
+            SCALE: tl.constexpr, BLOCK_S: tl.constexpr):
+  """The online softmax over cache positions [start, end) of kv head g, from the state (m_i, l_i, acc)."""
+  offs_d = tl.arange(0, D)
+  offs_s = tl.arange(0, BLOCK_S)
   for s0 in range(start, end, BLOCK_S):
     pos = s0 + offs_s
     valid = pos < end
@@ -68,8 +64,18 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, lock_ptr, out_ptr, par
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     m_i = m_new
+  return m_i, l_i, acc
 
-  out_ptrs = out_ptr + head[:, None] * D + offs_d[None, :]
+
+@triton.jit
+def _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg, pid_s, R: tl.constexpr,
+            D: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr):
+  """out = acc / l for SPLIT == 1; else this split's partial to the workspaces, and the last of the SPLIT
+  programs of (b, g) to arrive combines them (the same ordering and counter reset as kernels/splitk.py)."""
+  offs_r = tl.arange(0, BLOCK_R)
+  offs_d = tl.arange(0, D)
+  rmask = offs_r < R
+  out_ptrs = out_ptr + (pid_bg * R + offs_r[:, None]) * D + offs_d[None, :]
   if SPLIT == 1:
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -100,3 +106,83 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, lock_ptr, out_ptr, par
       out = total / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
       tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
       tl.store(lock_ptr + pid_bg, 0)  # every ticket is drawn: the counter is ready for the next launch
+
+
+@triton.jit
+def decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, lock_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+                            S: tl.constexpr, KVH: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                            SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                            SPLIT: tl.constexpr):
+  pid_bg = tl.program_id(0)
+  pid_s = tl.program_id(1)
+  b = pid_bg // KVH
+  g = pid_bg % KVH
+  offs_r = tl.arange(0, BLOCK_R)
+  offs_d = tl.arange(0, D)
+  head = pid_bg * R + offs_r  # rows of q and out: b * H + g * R + r
+  q = tl.load(q_ptr + head[:, None] * D + offs_d[None, :], mask=(offs_r < R)[:, None], other=0.0)
+  _, start, end = _split_range(len_ptr, b, pid_s, SPLIT, BLOCK_S)
+  row0 = b.to(tl.int64) * S  # int64: B * S * KVH * D may pass 2**31
+  m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+  l_i = tl.zeros([BLOCK_R], tl.float32)
+  acc = tl.zeros([BLOCK_R, D], tl.float32)
+  m_i, l_i, acc = _attend(q, k_ptr, v_ptr, row0, g, start, end, m_i, l_i, acc, KVH, D, SCALE, BLOCK_S)
+  _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg, pid_s, R, D, BLOCK_R, SPLIT)
+
+
+@triton.jit
+def _rope(x, swapped, cos, sin, D: tl.constexpr):
+  """x * cos + rotate_half(x) * sin in fp32, for heads x (last axis D) and swapped = their halves exchanged:
+  rotate_half(x) = [-x2, x1]."""
+  sign = tl.where(tl.arange(0, D) < D // 2, -1.0, 1.0)
+  return x.to(tl.float32) * cos + swapped.to(tl.float32) * sign * sin
+
+
+@triton.jit
+def decode_attention_step_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, len_ptr, lock_ptr, out_ptr, k_out_ptr,
+                                 v_out_ptr, part_acc_ptr, part_ml_ptr, S: tl.constexpr, KVH: tl.constexpr,
+                                 R: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
+  """A whole decode step's attention from the q/k/v projection's output: qkv [B, (H + 2 KVH) * D] ([q | k | v],
+  heads in order), cos and sin [D] of the new position.  Rotates q and the new k, writes the new k and v at
+  position length - 1 of the caches (k_out / v_out alias k / v: in place) and attends positions 0 .. length - 1.
+  The split that holds position length - 1 writes it and takes it from registers; no program reads it from
+  memory, so no program waits for the write."""
+  pid_bg = tl.program_id(0)
+  pid_s = tl.program_id(1)
+  b = pid_bg // KVH
+  g = pid_bg % KVH
+  offs_r = tl.arange(0, BLOCK_R)
+  offs_d = tl.arange(0, D)
+  rmask = offs_r < R
+  swap_d = (offs_d + D // 2) % D
+  row = qkv_ptr + b.to(tl.int64) * ((KVH * R + 2 * KVH) * D)
+  cos = tl.load(cos_ptr + offs_d).to(tl.float32)
+  sin = tl.load(sin_ptr + offs_d).to(tl.float32)
+  q_ptrs = row + (g * R + offs_r[:, None]) * D
+  q = _rope(tl.load(q_ptrs + offs_d[None, :], mask=rmask[:, None], other=0.0),
+            tl.load(q_ptrs + swap_d[None, :], mask=rmask[:, None], other=0.0), cos, sin, D)
+  q = q.to(k_ptr.dtype.element_ty)
+  length, start, end = _split_range(len_ptr, b, pid_s, SPLIT, BLOCK_S)
+  last = length - 1
+  row0 = b.to(tl.int64) * S
+  m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+  l_i = tl.zeros([BLOCK_R], tl.float32)
+  acc = tl.zeros([BLOCK_R, D], tl.float32)
+  m_i, l_i, acc = _attend(q, k_ptr, v_ptr, row0, g, start, tl.minimum(end, last), m_i, l_i, acc, KVH, D, SCALE,
+                          BLOCK_S)
+  if (start <= last) & (last < end):  # this split holds the new position
+    k_row = row + (KVH * R + g) * D
+    k_new = _rope(tl.load(k_row + offs_d), tl.load(k_row + swap_d), cos, sin, D).to(k_ptr.dtype.element_ty)
+    v_new = tl.load(row + (KVH * R + KVH + g) * D + offs_d)
+    cache_off = ((row0 + last) * KVH + g) * D + offs_d
+    tl.store(k_out_ptr + cache_off, k_new)
+    tl.store(v_out_ptr + cache_off, v_new)
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * SCALE  # [BLOCK_R]
+    m_new = tl.maximum(m_i, s_new)
+    p = tl.exp(s_new - m_new)
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + p
+    acc = acc * alpha[:, None] + p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+    m_i = m_new
+  _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg, pid_s, R, D, BLOCK_R, SPLIT)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jw4a16.attention import attention
+from jw4a16.attention import apply_rope, attention, attention_step, split_qkv, write_cache
 from jw4a16.linen import W4A16Dense
 from jw4a16.qweight import QuantizedWeight
 from jw4a16.quantize import layer_params
@@ -103,11 +103,6 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rotate_half(x):
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([-x2, x1], axis=-1)
-
-
 class RMSNorm(nn.Module):
   eps: float
 
@@ -154,15 +149,23 @@ class Attention(nn.Module):
     p = lambda n, f, bias: projection(self.quant, f"{self.prefix}.{n}", f, bias, dt, n,  # noqa: E731
                                       cfg.tensor_parallel)
     if cfg.fuse_qkv:
-      q, k, v = jnp.split(p("qkv_proj", (h + 2 * kvh) * d, cfg.attention_bias)(x), [h * d, (h + kvh) * d], axis=-1)
+      qkv = p("qkv_proj", (h + 2 * kvh) * d, cfg.attention_bias)(x)
+      q, k, v = split_qkv(qkv, h, kvh, d)
     else:
-      q, k, v = (p(n, f * d, cfg.attention_bias)(x) for n, f in (("q_proj", h), ("k_proj", kvh), ("v_proj", kvh)))
-    q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    k_cache, v_cache = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
-                        for c, new in zip(cache, (k, v)))
-    out = attention(q, k_cache, v_cache, index, allow_kernel=cfg.tensor_parallel is None)
+      qkv = None
+      q, k, v = (p(n, f * d, cfg.attention_bias)(x).reshape(b, t, f, d)
+                 for n, f in (("q_proj", h), ("k_proj", kvh), ("v_proj", kvh)))
+    allow_kernel = cfg.tensor_parallel is None  # a custom call would gather arrays that GSPMD shards
+    if t == 1:  # a decode step: rotary, cache writes and attention in one call (one kernel where it runs)
+      if qkv is None:
+        qkv = jnp.concatenate([a.reshape(b, t, -1) for a in (q, k, v)], axis=-1)
+      out, k_cache, v_cache = attention_step(qkv[:, 0], cos.reshape(d), sin.reshape(d), *cache, index,
+                                             allow_kernel=allow_kernel)
+      out = out[:, None]
+    else:
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      k_cache, v_cache = write_cache(cache[0], k, index), write_cache(cache[1], v, index)
+      out = attention(q, k_cache, v_cache, index, allow_kernel=allow_kernel)
     out = p("o_proj", cfg.hidden_size, False)(out.reshape(b, t, h * d))
     return out, (k_cache, v_cache)
 
