@@ -149,4 +149,26 @@ def run_attention_step_kernel(qkv, cos, sin, k_cache, v_cache, lengths, *, split
   return out.float().numpy(), back(kc), back(vc)
 
 
-__all__ = ["patch_interpreter", "run_attention_kernel", "run_attention_step_kernel", "run_kernel"]
+def run_rms_norm_kernel(x, weight, eps: float, residual=None):
+  """Mirrors jw4a16.norm.rms_norm_kernel_call: x [rows, N] (bf16 or fp16 numpy), weight [N], residual like x ->
+  out, or (out, x + residual), as numpy of x's dtype."""
+  from jw4a16.kernels.rms_norm import launch_params, rms_norm_kernel  # noqa: PLC0415
+
+  patch_interpreter()
+  x = np.asarray(x)
+  dtype = torch.bfloat16 if x.dtype == ml_dtypes.bfloat16 else torch.float16
+  out = torch.full(x.shape, float("nan"), dtype=dtype)
+  res_out = torch.full(x.shape if residual is not None else (1,), float("nan"), dtype=dtype)
+  params = launch_params(x.shape[-1])
+  rms_norm_kernel[(x.shape[0],)](
+      _torch(x), _torch(x if residual is None else residual), _torch(weight), out, res_out, N=x.shape[-1],
+      EPS=float(eps), BLOCK_N=params["BLOCK_N"], HAS_RES=int(residual is not None), num_warps=params["num_warps"])
+
+  def back(t):
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+  return back(out) if residual is None else (back(out), back(res_out))
+
+
+__all__ = ["patch_interpreter", "run_attention_kernel", "run_attention_step_kernel", "run_kernel",
+           "run_rms_norm_kernel"]

@@ -114,6 +114,26 @@ def attention_reports(target):
   return compile_in_subprocess(target, [dict(j) for j in ATTENTION_JOBS])
 
 
+# The RMSNorm kernel (jw4a16.norm) at Llama hidden sizes, with and without the residual add.
+NORM_JOBS = [dict(kernel="rms_norm", dtype=dt, n=n, has_res=res)
+             for dt, n, res in (("bfloat16", 4096, True), ("bfloat16", 8192, False), ("float16", 896, True),
+                                ("bfloat16", 16384, True))]
+
+
+@functools.cache
+def norm_reports(target):
+  return compile_in_subprocess(target, [dict(j) for j in NORM_JOBS])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("i", range(len(NORM_JOBS)))
+def test_rms_norm_compiles(target, i):
+  rep = norm_reports(target)[i]
+  assert "error" not in rep, rep.get("error")
+  assert rep["spills"] == 0, rep
+  assert rep["shared"] <= SHARED_LIMIT[target], rep
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("i", range(len(ATTENTION_JOBS)))
 def test_decode_attention_compiles(target, i):

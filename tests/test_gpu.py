@@ -384,6 +384,31 @@ def test_attention_step_on_gpu(case, launcher, monkeypatch):
   np.testing.assert_array_equal(np.asarray(out2, np.float32), got)
 
 
+@pytest.mark.parametrize("shape,dtype,with_res", [((1, 1, 4096), "bfloat16", True), ((16, 1, 4096), "bfloat16", False),
+                                                   ((2, 37, 8192), "float16", True), ((3, 896), "bfloat16", True)])
+def test_rms_norm_on_gpu(shape, dtype, with_res):
+  """jw4a16.norm.rms_norm runs the kernel (under jit, leading batch dims): the residual sum exactly as XLA's, the
+  norm within a step of the dtype of the jnp reference's and of float64 numpy."""
+  from jw4a16 import norm  # noqa: PLC0415
+  from tests.test_norm import naive  # noqa: PLC0415
+
+  keys = jax.random.split(jax.random.key(shape[-1]), 3)
+  x = 3 * jax.random.normal(keys[0], shape, dtype)
+  w = jax.random.normal(keys[1], shape[-1:], dtype)
+  r = 3 * jax.random.normal(keys[2], shape, dtype) if with_res else None
+  assert norm.kernel_unavailable_reason(x, w) is None
+  got = jax.jit(norm.rms_norm, static_argnums=2)(x, w, 1e-5, r)
+  want = jax.jit(norm.rms_norm_reference, static_argnums=2)(x, w, 1e-5, r)
+  if with_res:
+    (got, res), (want, want_res) = got, want
+    np.testing.assert_array_equal(np.asarray(res, np.float32), np.asarray(want_res, np.float32))
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+  ref = naive(np.asarray(x, np.float32), np.asarray(w, np.float32), 1e-5,
+              None if r is None else np.asarray(r, np.float32))
+  np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2)
+
+
 def test_llama_decode_step_kernel_matches_reference_attention(monkeypatch):
   """The model's decode step with the attention kernel against the same step with the reference attention
   ($JW4A16_DECODE_ATTENTION=0, read at trace time): logits within the bf16 tolerance of test_llama_logits_on_gpu

@@ -90,6 +90,20 @@ def compile_attention(target: str, *, dtype: str = "bfloat16", s: int, kvh: int,
   return triton.compile(src, target=TARGETS[target], options=options)
 
 
+def compile_rms_norm(target: str, *, dtype: str = "bfloat16", n: int, has_res: bool):
+  """Compiles the RMSNorm kernel (kernels/rms_norm.py) for `target` as jw4a16.norm launches it."""
+  from jw4a16.kernels.rms_norm import launch_params, rms_norm_kernel  # noqa: PLC0415
+
+  tt = _TT[dtype]
+  names = ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")
+  params = launch_params(n)
+  constexprs = dict(N=n, EPS=1e-5, BLOCK_N=params["BLOCK_N"], HAS_RES=int(has_res))
+  sig = {name: f"*{tt}" for name in names} | {name: "constexpr" for name in constexprs}
+  attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
+  src = triton.compiler.ASTSource(fn=rms_norm_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+  return triton.compile(src, target=TARGETS[target], options=dict(num_warps=params["num_warps"], num_stages=1))
+
+
 def _ptxas_spills(ptx: str, arch: int) -> int | None:
   """Spill-store bytes that the ptxas Triton itself picks for this arch reports for the PTX."""
   try:
@@ -190,7 +204,7 @@ def main(argv=None):
 
   A job is {"meta": {...}} plus compile_kernel's keyword arguments ("n", "k", "group_size", "dtype", "has_zp",
   "num_warps", "num_stages", "amd_options", "kernel", "m_is_one", ...), or {"kernel": "decode_attention"} plus
-  compile_attention's.  A separate process, because under
+  compile_attention's, or {"kernel": "rms_norm"} plus compile_rms_norm's.  A separate process, because under
   TRITON_INTERPRET=1 (the CPU test runs) @triton.jit builds interpreter functions that triton.compile cannot take.
   """
   import json  # noqa: PLC0415
@@ -203,6 +217,9 @@ def main(argv=None):
       if job.get("kernel") == "decode_attention":
         job.pop("kernel")
         compiled = compile_attention(target, **job)
+      elif job.get("kernel") == "rms_norm":
+        job.pop("kernel")
+        compiled = compile_rms_norm(target, **job)
       else:
         compiled = compile_kernel(target, meta, **job)
       rep = dataclasses.asdict(report(target, compiled))

@@ -24,6 +24,7 @@ import numpy as np
 
 from jw4a16.attention import apply_rope, attention, attention_step, split_qkv, write_cache
 from jw4a16.linen import W4A16Dense
+from jw4a16.norm import rms_norm
 from jw4a16.qweight import QuantizedWeight
 from jw4a16.quantize import layer_params
 
@@ -104,14 +105,16 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
 
 
 class RMSNorm(nn.Module):
+  """transformers' LlamaRMSNorm; given a residual, it first adds x to it and returns (norm, new residual), one
+  kernel for both where the Triton path runs (jw4a16.norm)."""
+
   eps: float
+  allow_kernel: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, residual=None):
     w = self.param("weight", nn.initializers.ones_init(), (x.shape[-1],), x.dtype)
-    h = x.astype(jnp.float32)
-    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-    return w * h.astype(x.dtype)
+    return rms_norm(x, w, self.eps, residual, allow_kernel=self.allow_kernel)
 
 
 # Megatron-style split of each block over the tensor-parallel axis: q/k/v and gate/up split their outputs
@@ -188,18 +191,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+  """carry = (x, residual): the hidden state is x + residual, the last sublayer's output x not added yet (residual
+  None before the first layer), so that each residual add happens inside the next norm's kernel."""
+
   cfg: LlamaConfig
   quant: QuantSpec
   prefix: str
 
   @nn.compact
-  def __call__(self, x, cos, sin, cache, index):
-    a, cache = Attention(self.cfg, self.quant, f"{self.prefix}.self_attn", name="self_attn")(
-        RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), cos, sin, cache, index)
-    x = x + a
-    x = x + MLP(self.cfg, self.quant, f"{self.prefix}.mlp", name="mlp")(
-        RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
-    return x, cache
+  def __call__(self, carry, cos, sin, cache, index):
+    x, residual = carry
+    eps, ok = self.cfg.rms_norm_eps, self.cfg.tensor_parallel is None
+    if residual is None:
+      h, residual = RMSNorm(eps, ok, name="input_layernorm")(x), x
+    else:
+      h, residual = RMSNorm(eps, ok, name="input_layernorm")(x, residual)
+    a, cache = Attention(self.cfg, self.quant, f"{self.prefix}.self_attn", name="self_attn")(h, cos, sin, cache,
+                                                                                              index)
+    h, residual = RMSNorm(eps, ok, name="post_attention_layernorm")(a, residual)
+    return (MLP(self.cfg, self.quant, f"{self.prefix}.mlp", name="mlp")(h), residual), cache
 
 
 class LlamaForCausalLM(nn.Module):
@@ -228,15 +238,18 @@ class LlamaForCausalLM(nn.Module):
       blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers)
       stacked = tuple(jnp.stack(c) for c in zip(*cache))  # scanned over: ([L, B, S, KVH, D],) * 2
-      x, (ks, vs) = blocks(cfg, self.quant, "layers", name="layers")(x, cos, sin, stacked, index)
+      carry = (x, jnp.zeros_like(x))  # scanned: every layer adds (the first adds zeros, exactly)
+      carry, (ks, vs) = blocks(cfg, self.quant, "layers", name="layers")(carry, cos, sin, stacked, index)
       new_cache = tuple(zip(ks, vs))
     else:
-      new_cache = []
+      new_cache, carry = [], (x, None)
       for i in range(cfg.num_layers):
-        x, kv = Block(cfg, self.quant, f"layers_{i}", name=f"layers_{i}")(x, cos, sin, cache[i], index)
+        carry, kv = Block(cfg, self.quant, f"layers_{i}", name=f"layers_{i}")(carry, cos, sin, cache[i], index)
         new_cache.append(kv)
       new_cache = tuple(new_cache)
-    x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
+    x, residual = carry
+    final_norm = RMSNorm(cfg.rms_norm_eps, cfg.tensor_parallel is None, name="norm")
+    x = final_norm(x) if residual is None else final_norm(x, residual)[0]
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
     else:
