@@ -11,15 +11,18 @@ registers `triton_kernel_call_ffi`: the same launcher (the same zlib-compressed 
 compilation, same proto, same kernel binary), then retargets the emitted custom call to the FFI handler, so XLA
 records the launches into its graphs.  `ops` uses it when `$JW4A16_LAUNCHER` is "ffi" (CUDA; on ROCm the call
 stays jax-triton's, untested with the FFI handler); the default, "legacy", is `jax_triton.triton_call` itself.
-Measured on H100 (docs/performance.md, session 5), "ffi" is not faster: the whole decode step becomes one graph,
-and in a profiler trace its cuGraphLaunch took 2.8 ms of host time (~700 nodes) and the FFI calls' per-run
-initialization 1.4 ms a step; a pipelined decode loop ran at the same speed with either launcher, and a step the
-host waits for ran slower with "ffi".  The variable is read when a shape is first traced (jax caches the
-traced op per shape), so set it before the first call.
+Measured on H100 (docs/performance.md): in session 5 "ffi" was not faster (the decode step, ~700 graph nodes,
+became one graph whose cuGraphLaunch took 2.8 ms of host time).  In session 14, with 263 launches a step, the
+pipelined decode loop ran at 360 tokens/s with "ffi" against 288 - 335 with "legacy", while a step the host waits
+for and a 128-token prefill ran slower with "ffi".  So the Llama model traces its pipelined decode step with
+"ffi" (`use_launcher`, `DECODE_LAUNCHER`) and everything else with "legacy".  $JW4A16_LAUNCHER, when set, wins
+over both.  The choice is read when a function is traced (jax caches the trace), so set it before the first call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -33,12 +36,28 @@ FFI_TARGET = "triton_kernel_call_ffi"
 LEGACY_TARGET = "triton_kernel_call"
 
 
+DECODE_LAUNCHER = "ffi"  # the Llama model's pipelined decode step (session 14)
+_SCOPED = contextvars.ContextVar("jw4a16_launcher", default=None)
+
+
 def resolve_launcher() -> str:
-  """'legacy' (default) or 'ffi', from $JW4A16_LAUNCHER."""
-  choice = os.environ.get(LAUNCHER_ENV, "legacy")
+  """'legacy' or 'ffi': $JW4A16_LAUNCHER when set, else the innermost `use_launcher`, else 'legacy'."""
+  choice = os.environ.get(LAUNCHER_ENV) or _SCOPED.get() or "legacy"
   if choice not in LAUNCHERS:
     raise ValueError(f"${LAUNCHER_ENV}={choice!r} must be one of {LAUNCHERS}")
   return choice
+
+
+@contextlib.contextmanager
+def use_launcher(name: str):
+  """Functions traced inside launch their Triton kernels with `name` (unless $JW4A16_LAUNCHER says otherwise)."""
+  if name not in LAUNCHERS:
+    raise ValueError(f"launcher={name!r} must be one of {LAUNCHERS}")
+  token = _SCOPED.set(name)
+  try:
+    yield
+  finally:
+    _SCOPED.reset(token)
 
 
 def retarget_to_ffi(op) -> None:

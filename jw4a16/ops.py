@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jw4a16 import checks, tuning
+from jw4a16 import checks, launch, tuning
 from jw4a16.qweight import QuantizedWeight
 from jw4a16.reference import dequantize, dequantize_fragment_nk, w4a16_matmul_reference
 
@@ -81,7 +81,7 @@ def split_counters(n: int, launcher: str) -> jax.Array:
   return jnp.asarray(np.concatenate([np.zeros(n, np.int32), np.ones(1, np.int32)]))
 
 
-def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packing="gptq"):
+def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packing="gptq", launcher="legacy"):
   """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype.
 
   Without a forced config, large M on targets where it measured faster takes the dequantize-then-GEMM route
@@ -100,7 +100,6 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packin
 
   import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
 
-  from jw4a16 import launch  # noqa: PLC0415
   from jw4a16.kernels import KERNELS  # noqa: PLC0415
 
   dtype = np.dtype(x2d.dtype).name
@@ -109,8 +108,7 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packin
   cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, target, packing)
   extra = {"PTX": int(target.warp_size == 32)} if cfg.kernel == "frag" else {}  # NVIDIA: inline-PTX unpacking
   partials, locks = cfg.scratch_shapes(m, n)
-  # jax-triton's custom call, or ($JW4A16_LAUNCHER=ffi) the same kernel as jaxlib's FFI Triton call (launch.py)
-  launcher = launch.resolve_launcher()
+  # jax-triton's custom call, or ("ffi") the same kernel as jaxlib's FFI Triton call (launch.py)
   triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
   out, _ = triton_call(
       x2d, qweight, scales, scales if qzeros is None else qzeros, m, split_counters(locks[0], launcher),
@@ -136,13 +134,15 @@ def _inference_only(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelConfig | None, packing: str):
+def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelConfig | None, packing: str,
+                         launcher: str = "legacy"):
   """custom_vmap'ed [M, K] x [K, N] kernel call: a vmap over x folds the batch into M (one launch); a vmap
-  over the weights (stacked layers) runs one launch per batch member with lax.map."""
+  over the weights (stacked layers) runs one launch per batch member with lax.map.  The launcher is part of the
+  key: jax caches the traced call per function and shapes, so one function per launcher."""
 
   def call(x2d, qweight, scales, qzeros):
     return _launch(x2d, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, config=config,
-                   packing=packing)
+                   packing=packing, launcher=launcher)
 
   @jax.custom_batching.custom_vmap
   def f(x2d, qweight, scales, qzeros):
@@ -227,7 +227,8 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
     if perm is not None:
       x = jnp.take(x, jnp.asarray(perm, jnp.int32), axis=-1)
     lead = x.shape[:-1]
-    out = _batched_kernel_call(g, zp_bias, config, packing)(x.reshape(math.prod(lead), k), qweight, scales, qzeros)
+    out = _batched_kernel_call(g, zp_bias, config, packing, launch.resolve_launcher())(
+        x.reshape(math.prod(lead), k), qweight, scales, qzeros)
     out = out.reshape(*lead, n)
   if valid is not None:
     out = jnp.where(valid, out, jnp.nan).astype(x.dtype)

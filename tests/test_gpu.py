@@ -409,6 +409,26 @@ def test_rms_norm_on_gpu(shape, dtype, with_res):
   np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2)
 
 
+def test_generate_decodes_with_the_ffi_launcher(monkeypatch):
+  """generate traces its decode step with launch.DECODE_LAUNCHER ("ffi": jaxlib's FFI Triton call, which XLA's
+  command buffers take) and gives the same tokens as with every launch legacy ($JW4A16_LAUNCHER=legacy)."""
+  from jw4a16 import launch  # noqa: PLC0415
+  from jw4a16.models import llama  # noqa: PLC0415
+
+  monkeypatch.delenv(launch.LAUNCHER_ENV, raising=False)
+  ids = np.array([[5, 17, 3, 99, 42, 7]], np.int32)
+  m = llama.load("tests/fixtures/llama-w4a16-asym", progress=False)
+  got = m.generate(ids, 16).tokens
+  args = (m.params, jnp.ones((1,), jnp.int32), llama.init_cache(m.cfg, 1, 128), np.int32(6), jax.random.key(0),
+          0.0, None, None)
+  with launch.use_launcher(launch.DECODE_LAUNCHER):
+    assert f"{launch.FFI_TARGET}" in m._decode.lower(*args).as_text()
+  monkeypatch.setenv(launch.LAUNCHER_ENV, "legacy")
+  m_legacy = llama.load("tests/fixtures/llama-w4a16-asym", progress=False)
+  assert launch.FFI_TARGET not in m_legacy._decode.lower(*args).as_text()
+  np.testing.assert_array_equal(got, m_legacy.generate(ids, 16).tokens)
+
+
 def test_llama_decode_step_kernel_matches_reference_attention(monkeypatch):
   """The model's decode step with the attention kernel against the same step with the reference attention
   ($JW4A16_DECODE_ATTENTION=0, read at trace time): logits within the bf16 tolerance of test_llama_logits_on_gpu

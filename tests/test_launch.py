@@ -25,6 +25,24 @@ def test_resolve_launcher_rejects_unknown(monkeypatch):
     launch.resolve_launcher()
 
 
+def test_use_launcher_scopes_the_choice(monkeypatch):
+  """use_launcher sets the choice inside its block (nested blocks restore the outer one); $JW4A16_LAUNCHER, when
+  set, wins over it; an unknown name is refused."""
+  monkeypatch.delenv(launch.LAUNCHER_ENV, raising=False)
+  with launch.use_launcher("ffi"):
+    assert launch.resolve_launcher() == "ffi"
+    with launch.use_launcher("legacy"):
+      assert launch.resolve_launcher() == "legacy"
+    assert launch.resolve_launcher() == "ffi"
+    monkeypatch.setenv(launch.LAUNCHER_ENV, "legacy")
+    assert launch.resolve_launcher() == "legacy"
+  monkeypatch.delenv(launch.LAUNCHER_ENV)
+  assert launch.resolve_launcher() == "legacy"
+  with pytest.raises(ValueError, match=r"launcher='graph' must be one of \('legacy', 'ffi'\)"):
+    with launch.use_launcher("graph"):
+      pass
+
+
 def _custom_calls(target: str, blob: bytes):
   """The lowered module of one legacy (api_version 2) custom call carrying `blob`, and its custom_call ops."""
   def f(x):

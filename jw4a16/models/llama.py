@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jw4a16 import launch
 from jw4a16.attention import apply_rope, attention, attention_step, split_qkv, write_cache
 from jw4a16.linen import W4A16Dense
 from jw4a16.norm import rms_norm
@@ -455,12 +456,16 @@ class LlamaModel:
     start = time.perf_counter()
     # Step i is queued before token i - 1 is read back (for on_token), so the host's launches for a step overlap
     # the kernels of the one before (Llama-3-8B shape on H100: 261 against 220 tokens/s, docs/performance.md).
-    for i in range(1, max_new_tokens):
-      nxt, cache, key = self._decode(self.params, tok, cache, np.int32(t + i - 1), key, temperature, top_k, top_p)
-      if on_token:
-        on_token(i - 1, np.asarray(tok))
-      tok = nxt
-      out.append(tok)
+    # Traced with launch.DECODE_LAUNCHER: XLA's command buffers take the step's kernels (session 14: 360 against
+    # 288 - 335 tokens/s).
+    with launch.use_launcher(launch.DECODE_LAUNCHER):
+      for i in range(1, max_new_tokens):
+        nxt, cache, key = self._decode(self.params, tok, cache, np.int32(t + i - 1), key, temperature, top_k,
+                                       top_p)
+        if on_token:
+          on_token(i - 1, np.asarray(tok))
+        tok = nxt
+        out.append(tok)
     if on_token:
       on_token(max_new_tokens - 1, np.asarray(tok))
     tokens = np.asarray(jnp.stack(out, axis=1))

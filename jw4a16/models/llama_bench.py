@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jw4a16 import tuning
+from jw4a16 import launch, tuning
 from jw4a16.models.llama import (LlamaConfig, LlamaForCausalLM, QuantSpec, fuse_projections, init_cache,
                                  repack_projections)
 
@@ -119,14 +119,16 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
     med = statistics.median(times[3:])
     res[f"decode_ms_b{b}"] = med * 1e3
     res[f"decode_tokens_per_s_b{b}"] = b / med
-    # As LlamaModel.generate runs: greedy sampling inside the step, each step queued before the last one ends.
+    # As LlamaModel.generate runs: greedy sampling inside the step, each step queued before the last one ends, the
+    # step traced with generate's launcher (launch.DECODE_LAUNCHER unless $JW4A16_LAUNCHER says otherwise).
     tok = jnp.ones((b,), jnp.int32)
-    tok, cache = greedy(params, tok, cache, np.int32(0))
-    tok.block_until_ready()
-    t0 = time.perf_counter()
-    for i in range(1, steps + 1):
-      tok, cache = greedy(params, tok, cache, np.int32(i))
-    tok.block_until_ready()
+    with launch.use_launcher(launch.DECODE_LAUNCHER):
+      tok, cache = greedy(params, tok, cache, np.int32(0))
+      tok.block_until_ready()
+      t0 = time.perf_counter()
+      for i in range(1, steps + 1):
+        tok, cache = greedy(params, tok, cache, np.int32(i))
+      tok.block_until_ready()
     per_step = (time.perf_counter() - t0) / steps
     res[f"decode_pipelined_ms_b{b}"] = per_step * 1e3
     res[f"decode_pipelined_tokens_per_s_b{b}"] = b / per_step
