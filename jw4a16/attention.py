@@ -132,25 +132,32 @@ def split_for(b: int, kvh: int, s: int, num_sms: int, block_s: int = BLOCK_S) ->
   return 1 << max(0, math.floor(math.log2(max(want, 1))))
 
 
-def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, block_s: int = BLOCK_S,
-                     num_warps: int = 4, num_stages: int = 3):
-  """The Triton decode kernel: q [B, H, D], caches [B, S, KVH, D], lengths [B] int32 (sequence b attends cache
-  slots 0 .. lengths[b] - 1; each >= 1) -> [B, H, D] in q's dtype.  No fallback: callers go through `attention`,
-  which checks `kernel_unavailable_reason` first."""
+def _launch_params(b: int, r: int, kvh: int, s: int, split: int | None, block_s: int):
+  """(split, BLOCK_R, launcher, triton_call) of a decode-attention launch; a bad split is refused before
+  jax_triton is imported."""
   if split is not None and (split < 1 or split & (split - 1)):
     raise ValueError(f"split={split} must be a power of two >= 1")
   import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
 
   from jw4a16 import launch  # noqa: PLC0415
-  from jw4a16.kernels.decode_attention import block_rows, decode_attention_kernel  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import block_rows  # noqa: PLC0415
 
+  launcher = launch.resolve_launcher()
+  return (split or split_for(b, kvh, s, ops.current_target().num_sms, block_s), block_rows(r), launcher,
+          launch.ffi_triton_call if launcher == "ffi" else jt.triton_call)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, block_s: int = BLOCK_S,
+                     num_warps: int = 4, num_stages: int = 3):
+  """The Triton decode kernel: q [B, H, D], caches [B, S, KVH, D], lengths [B] int32 (sequence b attends cache
+  slots 0 .. lengths[b] - 1; each >= 1) -> [B, H, D] in q's dtype.  No fallback: callers go through `attention`,
+  which checks `kernel_unavailable_reason` first."""
   b, h, d = q.shape
   s, kvh = k_cache.shape[1], k_cache.shape[2]
   r = h // kvh
-  split = split or split_for(b, kvh, s, ops.current_target().num_sms, block_s)
-  block_r = block_rows(r)
-  launcher = launch.resolve_launcher()
-  triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
+  split, block_r, launcher, triton_call = _launch_params(b, r, kvh, s, split, block_s)
+  from jw4a16.kernels.decode_attention import decode_attention_kernel  # noqa: PLC0415
+
   slots = b * kvh * split if split > 1 else 1
   out, _, _ = triton_call(
       q, k_cache, v_cache, lengths.astype(jnp.int32), ops.split_counters(b * kvh, launcher),
@@ -167,19 +174,11 @@ def decode_attention_step(qkv, cos, sin, k_cache, v_cache, lengths, *, split: in
   """The Triton step kernel: qkv [B, (H + 2 KVH) * D], cos and sin [D], caches [B, S, KVH, D], lengths [B] int32
   (the new position of sequence b is lengths[b] - 1) -> (out [B, H, D], k_cache, v_cache), the caches updated in
   place (aliased).  No fallback: callers go through `attention_step`."""
-  if split is not None and (split < 1 or split & (split - 1)):
-    raise ValueError(f"split={split} must be a power of two >= 1")
-  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
-
-  from jw4a16 import launch  # noqa: PLC0415
-  from jw4a16.kernels.decode_attention import block_rows, decode_attention_step_kernel  # noqa: PLC0415
-
   b, h, d, s, kvh = check_step_args(qkv, cos, sin, k_cache, v_cache)
   r = h // kvh
-  split = split or split_for(b, kvh, s, ops.current_target().num_sms, block_s)
-  block_r = block_rows(r)
-  launcher = launch.resolve_launcher()
-  triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
+  split, block_r, launcher, triton_call = _launch_params(b, r, kvh, s, split, block_s)
+  from jw4a16.kernels.decode_attention import decode_attention_step_kernel  # noqa: PLC0415
+
   slots = b * kvh * split if split > 1 else 1
   out, k_cache, v_cache, _, _ = triton_call(
       qkv, cos.astype(qkv.dtype), sin.astype(qkv.dtype), k_cache, v_cache, lengths.astype(jnp.int32),
