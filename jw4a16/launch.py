@@ -15,7 +15,7 @@ Measured on H100 (docs/performance.md): in session 5 "ffi" was not faster (the d
 became one graph whose cuGraphLaunch took 2.8 ms of host time).  In session 14, with 263 launches a step, the
 pipelined decode loop ran at 360 tokens/s with "ffi" against 288 - 335 with "legacy", while a step the host waits
 for and a 128-token prefill ran slower with "ffi".  So the Llama model traces its pipelined decode step with
-"ffi" (`use_launcher`, `DECODE_LAUNCHER`) and everything else with "legacy".  $JW4A16_LAUNCHER, when set, wins
+"ffi" on NVIDIA (`use_launcher`, `decode_launcher`) and everything else with "legacy".  $JW4A16_LAUNCHER, when set, wins
 over both.  The choice is read when a function is traced (jax caches the trace), so set it before the first call.
 """
 
@@ -36,7 +36,6 @@ FFI_TARGET = "triton_kernel_call_ffi"
 LEGACY_TARGET = "triton_kernel_call"
 
 
-DECODE_LAUNCHER = "ffi"  # the Llama model's pipelined decode step (session 14)
 _SCOPED = contextvars.ContextVar("jw4a16_launcher", default=None)
 
 
@@ -46,6 +45,18 @@ def resolve_launcher() -> str:
   if choice not in LAUNCHERS:
     raise ValueError(f"${LAUNCHER_ENV}={choice!r} must be one of {LAUNCHERS}")
   return choice
+
+
+def decode_launcher(device=None) -> str:
+  """The launcher the Llama model traces its pipelined decode step with: "ffi" on an NVIDIA GPU (faster there,
+  session 14), "legacy" elsewhere (on ROCm the FFI handler is untested, so the kernels launch as they always did;
+  on the CPU no kernel launches)."""
+  from jw4a16 import tuning  # noqa: PLC0415
+
+  device = device or jax.devices()[0]
+  if device.platform not in ("gpu", "cuda") or tuning.target_from_device(device).warp_size != 32:
+    return "legacy"
+  return "ffi"
 
 
 @contextlib.contextmanager

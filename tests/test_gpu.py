@@ -410,18 +410,19 @@ def test_rms_norm_on_gpu(shape, dtype, with_res):
 
 
 def test_generate_decodes_with_the_ffi_launcher(monkeypatch):
-  """generate traces its decode step with launch.DECODE_LAUNCHER ("ffi": jaxlib's FFI Triton call, which XLA's
-  command buffers take) and gives the same tokens as with every launch legacy ($JW4A16_LAUNCHER=legacy)."""
+  """generate traces its decode step with launch.decode_launcher() ("ffi" on NVIDIA: jaxlib's FFI Triton call,
+  which XLA's command buffers take) and gives the same tokens as with every launch legacy ($JW4A16_LAUNCHER=legacy)."""
   from jw4a16 import launch  # noqa: PLC0415
   from jw4a16.models import llama  # noqa: PLC0415
 
   monkeypatch.delenv(launch.LAUNCHER_ENV, raising=False)
+  assert launch.decode_launcher() == "ffi"  # the test GPUs are NVIDIA
   ids = np.array([[5, 17, 3, 99, 42, 7]], np.int32)
   m = llama.load("tests/fixtures/llama-w4a16-asym", progress=False)
   got = m.generate(ids, 16).tokens
   args = (m.params, jnp.ones((1,), jnp.int32), llama.init_cache(m.cfg, 1, 128), np.int32(6), jax.random.key(0),
           0.0, None, None)
-  with launch.use_launcher(launch.DECODE_LAUNCHER):
+  with launch.use_launcher(launch.decode_launcher()):
     assert f"{launch.FFI_TARGET}" in m._decode.lower(*args).as_text()
   monkeypatch.setenv(launch.LAUNCHER_ENV, "legacy")
   m_legacy = llama.load("tests/fixtures/llama-w4a16-asym", progress=False)

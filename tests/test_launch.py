@@ -43,6 +43,20 @@ def test_use_launcher_scopes_the_choice(monkeypatch):
       pass
 
 
+class _Device:
+  def __init__(self, platform, kind):
+    self.platform, self.device_kind, self.core_count = platform, kind, None
+
+
+@pytest.mark.parametrize(("platform", "kind", "want"), [
+    ("gpu", "NVIDIA H100 80GB HBM3", "ffi"), ("cuda", "NVIDIA A100-SXM4-80GB", "ffi"),
+    ("gpu", "AMD Instinct MI300X", "legacy"), ("rocm", "gfx942", "legacy"), ("cpu", "cpu", "legacy")])
+def test_decode_launcher(platform, kind, want):
+  """The model's decode step: the FFI launch on NVIDIA only (ROCm keeps jax-triton's custom call)."""
+  assert launch.decode_launcher(_Device(platform, kind)) == want
+  assert launch.decode_launcher() == "legacy"  # this CPU machine
+
+
 def _custom_calls(target: str, blob: bytes):
   """The lowered module of one legacy (api_version 2) custom call carrying `blob`, and its custom_call ops."""
   def f(x):

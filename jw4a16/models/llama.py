@@ -456,9 +456,9 @@ class LlamaModel:
     start = time.perf_counter()
     # Step i is queued before token i - 1 is read back (for on_token), so the host's launches for a step overlap
     # the kernels of the one before (Llama-3-8B shape on H100: 261 against 220 tokens/s, docs/performance.md).
-    # Traced with launch.DECODE_LAUNCHER: XLA's command buffers take the step's kernels (session 14: 360 against
-    # 288 - 335 tokens/s).
-    with launch.use_launcher(launch.DECODE_LAUNCHER):
+    # Traced with launch.decode_launcher(): on NVIDIA the FFI launch, which XLA's command buffers take (session 14:
+    # 360 against 288 - 335 tokens/s).
+    with launch.use_launcher(launch.decode_launcher()):
       for i in range(1, max_new_tokens):
         nxt, cache, key = self._decode(self.params, tok, cache, np.int32(t + i - 1), key, temperature, top_k,
                                        top_p)

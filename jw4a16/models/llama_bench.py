@@ -120,9 +120,9 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
     res[f"decode_ms_b{b}"] = med * 1e3
     res[f"decode_tokens_per_s_b{b}"] = b / med
     # As LlamaModel.generate runs: greedy sampling inside the step, each step queued before the last one ends, the
-    # step traced with generate's launcher (launch.DECODE_LAUNCHER unless $JW4A16_LAUNCHER says otherwise).
+    # step traced with generate's launcher (launch.decode_launcher() unless $JW4A16_LAUNCHER says otherwise).
     tok = jnp.ones((b,), jnp.int32)
-    with launch.use_launcher(launch.DECODE_LAUNCHER):
+    with launch.use_launcher(launch.decode_launcher()):
       tok, cache = greedy(params, tok, cache, np.int32(0))
       tok.block_until_ready()
       t0 = time.perf_counter()
