@@ -54,7 +54,8 @@ class _Device:
 def test_decode_launcher(platform, kind, want):
   """The model's decode step: the FFI launch on NVIDIA only (ROCm keeps jax-triton's custom call)."""
   assert launch.decode_launcher(_Device(platform, kind)) == want
-  assert launch.decode_launcher() == "legacy"  # this CPU machine
+  if jax.default_backend() == "cpu":
+    assert launch.decode_launcher() == "legacy"
 
 
 def _custom_calls(target: str, blob: bytes):
