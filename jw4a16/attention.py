@@ -137,14 +137,12 @@ def _launch_params(b: int, r: int, kvh: int, s: int, split: int | None, block_s:
   jax_triton is imported."""
   if split is not None and (split < 1 or split & (split - 1)):
     raise ValueError(f"split={split} must be a power of two >= 1")
-  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
-
   from jw4a16 import launch  # noqa: PLC0415
   from jw4a16.kernels.decode_attention import block_rows  # noqa: PLC0415
 
   launcher = launch.resolve_launcher()
   return (split or split_for(b, kvh, s, ops.current_target().num_sms, block_s), block_rows(r), launcher,
-          launch.ffi_triton_call if launcher == "ffi" else jt.triton_call)
+          launch.triton_call_for(launcher))
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, block_s: int = BLOCK_S,

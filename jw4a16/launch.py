@@ -9,8 +9,9 @@ registers `triton_kernel_call_ffi`: the same launcher (the same zlib-compressed 
 
 `ffi_triton_call` takes `jax_triton.triton_call`'s arguments and lowers through jax-triton's own lowering (same
 compilation, same proto, same kernel binary), then retargets the emitted custom call to the FFI handler, so XLA
-records the launches into its graphs.  `ops` uses it when `$JW4A16_LAUNCHER` is "ffi" (CUDA; on ROCm the call
-stays jax-triton's, untested with the FFI handler); the default, "legacy", is `jax_triton.triton_call` itself.
+records the launches into its graphs.  Every jw4a16 launch takes `triton_call_for(resolve_launcher())`: this for
+"ffi" (CUDA; on ROCm the call stays jax-triton's, untested with the FFI handler), `jax_triton.triton_call` itself
+for the default, "legacy".
 Measured on H100 (docs/performance.md): in session 5 "ffi" was not faster (the decode step, ~700 graph nodes,
 became one graph whose cuGraphLaunch took 2.8 ms of host time).  In session 14, with 263 launches a step, the
 pipelined decode loop ran at 360 tokens/s with "ffi" against 288 - 335 with "legacy", while a step the host waits
@@ -45,6 +46,15 @@ def resolve_launcher() -> str:
   if choice not in LAUNCHERS:
     raise ValueError(f"${LAUNCHER_ENV}={choice!r} must be one of {LAUNCHERS}")
   return choice
+
+
+def triton_call_for(launcher: str):
+  """`jax_triton.triton_call` for "legacy", `ffi_triton_call` (same arguments) for "ffi"."""
+  if launcher == "ffi":
+    return ffi_triton_call
+  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
+
+  return jt.triton_call
 
 
 def decode_launcher(device=None) -> str:

@@ -59,16 +59,13 @@ def kernel_unavailable_reason(x, weight) -> str | None:
 
 def rms_norm_kernel_call(x, weight, eps: float, residual=None):
   """The Triton kernel on x [..., N] (and residual of x's shape): out, or (out, x + residual)."""
-  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
-
   from jw4a16 import launch  # noqa: PLC0415
   from jw4a16.kernels.rms_norm import launch_params, rms_norm_kernel  # noqa: PLC0415
 
   n = x.shape[-1]
   rows = int(np.prod(x.shape[:-1]))
   has_res = residual is not None
-  triton_call = launch.ffi_triton_call if launch.resolve_launcher() == "ffi" else jt.triton_call
-  out, res_out = triton_call(
+  out, res_out = launch.triton_call_for(launch.resolve_launcher())(
       x, x if residual is None else residual, weight,
       kernel=rms_norm_kernel, grid=(rows,), name="jw4a16_rms_norm",
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),

@@ -98,8 +98,6 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packin
     w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
     return jnp.matmul(x2d, w, preferred_element_type=jnp.float32).astype(x2d.dtype)
 
-  import jax_triton as jt  # noqa: PLC0415 - lazily: fails on CPU-only JAX
-
   from jw4a16.kernels import KERNELS  # noqa: PLC0415
 
   dtype = np.dtype(x2d.dtype).name
@@ -109,8 +107,7 @@ def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packin
   extra = {"PTX": int(target.warp_size == 32)} if cfg.kernel == "frag" else {}  # NVIDIA: inline-PTX unpacking
   partials, locks = cfg.scratch_shapes(m, n)
   # jax-triton's custom call, or ("ffi") the same kernel as jaxlib's FFI Triton call (launch.py)
-  triton_call = launch.ffi_triton_call if launcher == "ffi" else jt.triton_call
-  out, _ = triton_call(
+  out, _ = launch.triton_call_for(launcher)(
       x2d, qweight, scales, scales if qzeros is None else qzeros, m, split_counters(locks[0], launcher),
       kernel=KERNELS[cfg.kernel], grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
       out_shape=(jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32)),

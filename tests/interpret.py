@@ -53,6 +53,11 @@ def patch_interpreter():
   interp._convert_float = convert_float
 
 
+def _numpy(t):
+  """A CPU torch tensor as numpy of its dtype (bf16 through ml_dtypes): the inverse of _torch."""
+  return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
 def _torch(a):
   a = np.asarray(a)
   if a.dtype == ml_dtypes.bfloat16:
@@ -143,10 +148,7 @@ def run_attention_step_kernel(qkv, cos, sin, k_cache, v_cache, lengths, *, split
       SPLIT=split, num_warps=4, num_stages=3)
   assert (locks == 0).all(), locks
 
-  def back(t):
-    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
-
-  return out.float().numpy(), back(kc), back(vc)
+  return out.float().numpy(), _numpy(kc), _numpy(vc)
 
 
 def run_rms_norm_kernel(x, weight, eps: float, residual=None):
@@ -164,10 +166,7 @@ def run_rms_norm_kernel(x, weight, eps: float, residual=None):
       _torch(x), _torch(x if residual is None else residual), _torch(weight), out, res_out, N=x.shape[-1],
       EPS=float(eps), BLOCK_N=params["BLOCK_N"], HAS_RES=int(residual is not None), num_warps=params["num_warps"])
 
-  def back(t):
-    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
-
-  return back(out) if residual is None else (back(out), back(res_out))
+  return _numpy(out) if residual is None else (_numpy(out), _numpy(res_out))
 
 
 __all__ = ["patch_interpreter", "run_attention_kernel", "run_attention_step_kernel", "run_kernel",
