@@ -81,22 +81,60 @@ def split_counters(n: int, launcher: str) -> jax.Array:
   return jnp.asarray(np.concatenate([np.zeros(n, np.int32), np.ones(1, np.int32)]))
 
 
+DEQUANT_ENV = "JW4A16_DEQUANT"  # how the fragment packing's dequantize-then-GEMM route runs: "triton" or "xla"
+
+
+def _dequant_block_k(k: int) -> int:
+  return next(b for b in (256, 128, 64) if k % b == 0)  # the fragment packing holds K % 64 == 0
+
+
+def dequantize_fragment_call(qweight, scales, qzeros, *, group_size, zp_bias, dtype, launcher="legacy"):
+  """Fragment-packed words [ceil(N / 64), 8 K] -> W [K, N] in `dtype` on the GPU (kernels/dequant.py),
+  bit-identical to `reference.dequantize_fragment_nk(...).T`."""
+  from jw4a16.kernels.dequant import dequant_fragment_kernel  # noqa: PLC0415
+
+  n, k = scales.shape[1], qweight.shape[1] // 8
+  block_k = _dequant_block_k(k)
+  (w,) = launch.triton_call_for(launcher)(
+      qweight, scales, scales if qzeros is None else qzeros,
+      kernel=dequant_fragment_kernel, grid=(qweight.shape[0], k // block_k), name="jw4a16_dequant_fragment",
+      out_shape=(jax.ShapeDtypeStruct((k, n), dtype),), num_warps=4, num_stages=1, N=n, K=k,
+      GROUP_SIZE=checks.resolve_group_size(group_size, k), HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias,
+      BLOCK_K=block_k, PTX=int(current_target().warp_size == 32))
+  return w
+
+
+def dequant_gemm(x2d, qweight, scales, qzeros, *, group_size, zp_bias, packing="gptq", launcher="legacy"):
+  """The dequantize-then-GEMM route: W written once in x's dtype, then one dense GEMM in x's dtype (cuBLAS /
+  hipBLASLt accumulate 16-bit GEMMs in fp32 and round the output once).  Asking XLA for an fp32 product instead
+  (preferred_element_type) made cuBLAS write fp32 and a second kernel convert it: 1.2 - 1.3x the GEMM's time at
+  M = 1024 - 4096 on H100 (session 15).  The fragment packing: the Triton kernel writes W [K, N] (default), or with
+  $JW4A16_DEQUANT=xla XLA writes W^T [N, K] and the GEMM contracts K of both operands (sessions 7 - 14; x @ W
+  measured 0.79 - 0.95x its time on H100, session 15)."""
+  how = os.environ.get(DEQUANT_ENV, "triton")
+  if how not in ("triton", "xla"):
+    raise ValueError(f"${DEQUANT_ENV}={how!r} must be one of 'triton', 'xla'")
+  kw = dict(group_size=group_size, zp_bias=zp_bias)
+  if packing == "fragment" and how == "xla":
+    wt = dequantize_fragment_nk(qweight, scales, qzeros, **kw, dtype=x2d.dtype)
+    return jax.lax.dot_general(x2d, wt, (((1,), (1,)), ((), ())))
+  w = (dequantize_fragment_call(qweight, scales, qzeros, **kw, dtype=x2d.dtype, launcher=launcher)
+       if packing == "fragment" else dequantize(qweight, scales, qzeros, **kw, dtype=x2d.dtype))
+  return jnp.matmul(x2d, w)
+
+
 def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packing="gptq", launcher="legacy"):
   """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype.
 
   Without a forced config, large M on targets where it measured faster takes the dequantize-then-GEMM route
-  instead: XLA writes the dequantized weight in one fused pass and cuBLAS/hipBLASLt multiplies.
+  instead (dequant_gemm): the weight is dequantized in one pass and cuBLAS/hipBLASLt multiplies.
   """
   m, k = x2d.shape
   n = scales.shape[1]
   target = current_target()
   if config is None and tuning.use_dequant_gemm(m, target, checks.resolve_group_size(group_size, k), packing):
-    if packing == "fragment":  # W^T [N, K] as the packing holds it: the GEMM contracts K of both operands
-      wt = dequantize_fragment_nk(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
-      out = jax.lax.dot_general(x2d, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-      return out.astype(x2d.dtype)
-    w = dequantize(qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, dtype=x2d.dtype)
-    return jnp.matmul(x2d, w, preferred_element_type=jnp.float32).astype(x2d.dtype)
+    return dequant_gemm(x2d, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, packing=packing,
+                        launcher=launcher)
 
   from jw4a16.kernels import KERNELS  # noqa: PLC0415
 

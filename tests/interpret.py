@@ -169,5 +169,23 @@ def run_rms_norm_kernel(x, weight, eps: float, residual=None):
   return _numpy(out) if residual is None else (_numpy(out), _numpy(res_out))
 
 
-__all__ = ["patch_interpreter", "run_attention_kernel", "run_attention_step_kernel", "run_kernel",
+def run_dequant_kernel(words, scales, qzeros, *, group_size, zp_bias=8, block_k=256):
+  """Mirrors jw4a16.ops.dequantize_fragment_call: fragment-packed words [ceil(N / 64), 8 K], scales [K // G, N]
+  (bf16 or fp16 numpy), qzeros [K // G, N // 8] or None -> W [K, N] as numpy of the scales' dtype."""
+  from jw4a16.kernels.dequant import dequant_fragment_kernel  # noqa: PLC0415
+
+  patch_interpreter()
+  scales = np.asarray(scales)
+  k, n = np.asarray(words).shape[1] // 8, scales.shape[1]
+  dtype = torch.bfloat16 if scales.dtype == ml_dtypes.bfloat16 else torch.float16
+  out = torch.full((k, n), float("nan"), dtype=dtype)  # an element left unwritten fails the test
+  s = _torch(scales)
+  dequant_fragment_kernel[(np.asarray(words).shape[0], k // block_k)](
+      _torch(words), s, s if qzeros is None else _torch(qzeros), out, N=n, K=k,
+      GROUP_SIZE=checks.resolve_group_size(group_size, k), HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias,
+      BLOCK_K=block_k, num_warps=4)
+  return _numpy(out)
+
+
+__all__ = ["patch_interpreter", "run_dequant_kernel", "run_attention_kernel", "run_attention_step_kernel", "run_kernel",
            "run_rms_norm_kernel"]

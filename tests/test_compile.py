@@ -114,21 +114,26 @@ def attention_reports(target):
   return compile_in_subprocess(target, [dict(j) for j in ATTENTION_JOBS])
 
 
-# The RMSNorm kernel (jw4a16.norm) at Llama hidden sizes, with and without the residual add.
-NORM_JOBS = [dict(kernel="rms_norm", dtype=dt, n=n, has_res=res)
-             for dt, n, res in (("bfloat16", 4096, True), ("bfloat16", 8192, False), ("float16", 896, True),
-                                ("bfloat16", 16384, True))]
+# The kernels without matrix units, compiled in one subprocess a target: the RMSNorm kernel (jw4a16.norm) at Llama
+# hidden sizes, with and without the residual add, and the dequantize-then-GEMM route's kernel
+# (jw4a16.ops.dequantize_fragment_call) at Llama-3 shapes and groups.
+PLAIN_JOBS = [dict(kernel="rms_norm", dtype=dt, n=n, has_res=res)
+              for dt, n, res in (("bfloat16", 4096, True), ("bfloat16", 8192, False), ("float16", 896, True),
+                                 ("bfloat16", 16384, True))] + \
+             [dict(kernel="dequant", dtype=dt, n=n, k=k, group_size=g, has_zp=zp)
+              for dt, n, k, g, zp in (("bfloat16", 28672, 4096, 128, False), ("float16", 4096, 14336, 32, True),
+                                      ("bfloat16", 8192, 28672, 28672, False), ("bfloat16", 200, 512, 64, True))]
 
 
 @functools.cache
-def norm_reports(target):
-  return compile_in_subprocess(target, [dict(j) for j in NORM_JOBS])
+def plain_reports(target):
+  return compile_in_subprocess(target, [dict(j) for j in PLAIN_JOBS])
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("i", range(len(NORM_JOBS)))
-def test_rms_norm_compiles(target, i):
-  rep = norm_reports(target)[i]
+@pytest.mark.parametrize("i", range(len(PLAIN_JOBS)), ids=lambda i: f"{PLAIN_JOBS[i]['kernel']}-{i}")
+def test_plain_kernels_compile(target, i):
+  rep = plain_reports(target)[i]
   assert "error" not in rep, rep.get("error")
   assert rep["spills"] == 0, rep
   assert rep["shared"] <= SHARED_LIMIT[target], rep

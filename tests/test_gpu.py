@@ -239,6 +239,29 @@ def test_fragment_real_shapes_every_bucket(m, kn, dtype, symmetric):
   assert_close(out, np.asarray(x, np.float64) @ w, dtype)
 
 
+@pytest.mark.parametrize("kng", [(4096, 6144, 128), (14336, 4096, 128), (512, 200, 32), (768, 72, -1), (320, 64, 64)])
+@pytest.mark.parametrize("dtype,symmetric", [("bfloat16", True), ("float16", False)])
+@pytest.mark.parametrize("launcher", ["legacy", "ffi"])
+def test_dequant_kernel_is_bit_identical_to_the_reference(kng, dtype, symmetric, launcher, monkeypatch):
+  """The dequantize-then-GEMM route's W [K, N] from the fragment packing (kernels/dequant.py), and the route's
+  product at M = 512 against float64."""
+  from jw4a16 import ops  # noqa: PLC0415
+  from jw4a16.reference import dequantize_fragment_nk  # noqa: PLC0415
+
+  monkeypatch.delenv(ops.DEQUANT_ENV, raising=False)
+  k, n, g = kng
+  qw, s, qz, _, w = make_weights(k, n, g, dtype=dtype, symmetric=symmetric)
+  fq = jnp.asarray(jw4a16.layout.to_fragment_packed(qw))
+  qz = None if qz is None else jnp.asarray(qz)
+  got = jax.jit(lambda a, b, c: ops.dequantize_fragment_call(a, b, c, group_size=g, zp_bias=8, dtype=b.dtype,
+                                                             launcher=launcher))(fq, jnp.asarray(s), qz)
+  want = jax.jit(lambda a, b, c: dequantize_fragment_nk(a, b, c, group_size=g).T)(fq, jnp.asarray(s), qz)
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+  x = make_x((512, k), dtype)
+  out = jax.jit(lambda x: jw4a16.w4a16_matmul(x, fq, s, qz, group_size=g, packing="fragment"))(x)
+  assert_close(out, np.asarray(x, np.float64) @ w, dtype)
+
+
 @pytest.mark.parametrize("case", [
     # (K, N, M, dtype, config): where wgmmas left in flight across the K loop gave wrong results before session 9
     (8192, 57344, 1, "bfloat16", tuning.KernelConfig(16, 128, 128, num_warps=4, num_stages=3, kernel="frag",

@@ -104,6 +104,21 @@ def compile_rms_norm(target: str, *, dtype: str = "bfloat16", n: int, has_res: b
   return triton.compile(src, target=TARGETS[target], options=dict(num_warps=params["num_warps"], num_stages=1))
 
 
+def compile_dequant(target: str, *, dtype: str = "bfloat16", n: int, k: int, group_size: int, has_zp: bool,
+                    block_k: int = 256, zp_bias: int = 8):
+  """Compiles the fragment dequantization kernel (kernels/dequant.py) for `target` as
+  jw4a16.ops.dequantize_fragment_call launches it."""
+  from jw4a16.kernels.dequant import dequant_fragment_kernel  # noqa: PLC0415
+
+  names = ("qweight_ptr", "scales_ptr", "qzeros_ptr", "out_ptr")
+  constexprs = dict(N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=has_zp, ZP_BIAS=zp_bias, BLOCK_K=block_k,
+                    PTX=int(TARGETS[target].backend == "cuda"))
+  sig = dict(zip(names, ("*i32", f"*{_TT[dtype]}", "*i32", f"*{_TT[dtype]}"))) | {c: "constexpr" for c in constexprs}
+  attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
+  src = triton.compiler.ASTSource(fn=dequant_fragment_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+  return triton.compile(src, target=TARGETS[target], options=dict(num_warps=4, num_stages=1))
+
+
 def _ptxas_spills(ptx: str, arch: int) -> int | None:
   """Spill-store bytes that the ptxas Triton itself picks for this arch reports for the PTX."""
   try:
@@ -220,6 +235,9 @@ def main(argv=None):
       elif job.get("kernel") == "rms_norm":
         job.pop("kernel")
         compiled = compile_rms_norm(target, **job)
+      elif job.get("kernel") == "dequant":
+        job.pop("kernel")
+        compiled = compile_dequant(target, **job)
       else:
         compiled = compile_kernel(target, meta, **job)
       rep = dataclasses.asdict(report(target, compiled))

@@ -151,7 +151,7 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--layers", type=int, default=32)
-  p.add_argument("--steps", type=int, default=40)
+  p.add_argument("--steps", type=int, default=40, help="decode steps per batch size (>= 4: the first 3 are warm-up)")
   p.add_argument("--prefill", type=int, default=2048)
   p.add_argument("--out", default=None)
   p.add_argument("--scan", action="store_true", help="scanned layers over stacked weights (default: unrolled)")
@@ -162,6 +162,8 @@ def main(argv=None):
   p.add_argument("--variants", default="w4a16,bf16",
                  help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), bf16")
   a = p.parse_args(argv)
+  if a.steps < 4:
+    p.error(f"--steps={a.steps}: at least 4 are needed (the first 3 steps are warm-up, not timed)")
   cfg = dataclasses.replace(LLAMA3_8B, num_layers=a.layers)
   out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers, "scan": a.scan,
          "fused": not a.no_fuse, "packing": a.packing}
