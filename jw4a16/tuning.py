@@ -426,16 +426,23 @@ def gemv_candidates(m: int, k: int, n: int, group_size: int, target: Target = H1
   return [legalize(c, k, group_size) for c in out]
 
 
+# (block_k, num_warps, num_stages) searched up to M = 32: 128-deep steps on 4 warps, 3 stages (session 7's grid)
+# and 64-deep steps with 3 or 4 stages, which the sweeps had left out and which took 6 - 15 % off three of the four
+# Llama-3-8B decode projections at M = 1 on H100 (session 15).
+SMALL_M_STEPS = frozenset({(128, 4, 3), (64, 4, 3), (64, 4, 4)})
+
+
 def frag_candidates(m: int, k: int, n: int, group_size: int, target: Target = H100) -> list[KernelConfig]:
-  """The fragment-packed kernel's search space at one M bucket (the session-7 sweep's grid): tiles of x sized to
-  M, 64 or 128 weight columns (256 from M = 512), both scale placements up to M = 32, splits along K giving
-  about 1 - 8 programs per SM, pruned by shared memory."""
+  """The fragment-packed kernel's search space at one M bucket (the session-7 sweep's grid, and 64-deep steps up to
+  M = 32 since session 15): tiles of x sized to M, 64 or 128 weight columns (256 from M = 512), both scale
+  placements up to M = 32, splits along K giving about 1 - 8 programs per SM, pruned by shared memory."""
   out = []
   mb = m_bucket(m)
   bms = {min(max(8, mb), 256 if mb >= 512 else 128)} | ({8, 16} if mb <= 8 else set()) | ({64} if mb >= 128 else set())
   for bm, bn, bk, warps, stages, scale_w in itertools.product(
       sorted(bms), (64, 128, 256), (64, 128), (4, 8), (3, 4), (0, 1, 2) if mb <= 32 else (1, 2)):
-    if (bn == 256) != (mb >= 512) or (bn == 64 and warps == 8) or (mb <= 32 and (bk, warps, stages) != (128, 4, 3)):
+    if ((bn == 256) != (mb >= 512) or (bn == 64 and warps == 8)
+        or (mb <= 32 and (bk, warps, stages) not in SMALL_M_STEPS)):
       continue
     tiles = math.ceil(m / bm) * math.ceil(n / bn)
     for split in (1, 2, 4, 8, 16, 32):

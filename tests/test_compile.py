@@ -35,7 +35,7 @@ def frag_dispatchable(target_name):
   """(config, K, N, M) for the distinct frag configs select_config returns for packing="fragment"."""
   target = HEURISTIC_TARGET[target_name]
   seen = {}
-  for k, n in SHAPES[:2]:
+  for k, n in SHAPES[:3]:
     for m in (1, 16, 64, 256):
       seen.setdefault(tuning.select_config(m, k, n, 128, "bfloat16", False, target, "fragment"), (k, n, m))
   return sorted(((c, k, n, m) for c, (k, n, m) in seen.items()), key=str)

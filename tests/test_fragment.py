@@ -118,6 +118,8 @@ def test_dispatcher_configs_for_fragment():
   cands = tuning.frag_candidates(4, 4096, 6144, 128)
   assert cands and all(c.kernel == "frag" and tuning.fits(c, tuning.H100) for c in cands)
   assert {c.scale_w for c in cands} == {0, 1, 2}
+  # 64-deep steps at small M (session 15: the faster M = 1 picks of three decode projections)
+  assert {(c.block_k, c.num_stages) for c in cands} == {(128, 3), (64, 3), (64, 4)}
   # 16-row tiles scaling the weights (fenced off before session 9: they raced) are searched again
   assert any(c.block_m == 16 and c.scale_w for c in tuning.frag_candidates(16, 8192, 57344, 128))
   # accumulators of 256 registers a thread spilled hundreds of bytes: not searched
