@@ -172,3 +172,14 @@ def test_bad_cache_is_refused():
     apply(np.zeros((1, 16, 2, 64), np.float32))
   with pytest.raises(ValueError, match="too short for index 14 \\+ 4 tokens"):
     apply(llama.init_cache(TINY, 1, 16), 14)
+
+
+def test_llama_bench_refuses_too_few_steps(capsys):
+  """The first WARMUP_STEPS decode steps are not timed: fewer steps than that and one more is a clear error, not
+  a median of nothing."""
+  from jw4a16.models import llama_bench  # noqa: PLC0415
+
+  with pytest.raises(SystemExit):
+    llama_bench.main(["--steps", str(llama_bench.WARMUP_STEPS)])
+  assert f"--steps={llama_bench.WARMUP_STEPS}: at least {llama_bench.WARMUP_STEPS + 1} are needed" in \
+      capsys.readouterr().err

@@ -91,6 +91,9 @@ def build(cfg, quantized, key, scan=False, fuse=True, packing="auto"):
   return LlamaForCausalLM(cfg, quant, scan_layers=scan), jax.block_until_ready(params)
 
 
+WARMUP_STEPS = 3  # decode steps a step-at-a-time measurement leaves out of its median
+
+
 def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=True, packing="auto"):
   """Decode and prefill timings of `build(cfg, quantized, key, scan, fuse, packing)`."""
   model, params = build(cfg, quantized, key, scan, fuse, packing)
@@ -116,7 +119,7 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
       logits, cache = step(params, ids, cache, np.int32(i))
       logits.block_until_ready()
       times.append(time.perf_counter() - t0)
-    med = statistics.median(times[3:])
+    med = statistics.median(times[WARMUP_STEPS:])
     res[f"decode_ms_b{b}"] = med * 1e3
     res[f"decode_tokens_per_s_b{b}"] = b / med
     # As LlamaModel.generate runs: greedy sampling inside the step, each step queued before the last one ends, the
@@ -151,7 +154,8 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--layers", type=int, default=32)
-  p.add_argument("--steps", type=int, default=40, help="decode steps per batch size (>= 4: the first 3 are warm-up)")
+  p.add_argument("--steps", type=int, default=40,
+                 help=f"decode steps per batch size (the first {WARMUP_STEPS} are warm-up, not timed)")
   p.add_argument("--prefill", type=int, default=2048)
   p.add_argument("--out", default=None)
   p.add_argument("--scan", action="store_true", help="scanned layers over stacked weights (default: unrolled)")
@@ -162,8 +166,9 @@ def main(argv=None):
   p.add_argument("--variants", default="w4a16,bf16",
                  help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), bf16")
   a = p.parse_args(argv)
-  if a.steps < 4:
-    p.error(f"--steps={a.steps}: at least 4 are needed (the first 3 steps are warm-up, not timed)")
+  if a.steps <= WARMUP_STEPS:
+    p.error(f"--steps={a.steps}: at least {WARMUP_STEPS + 1} are needed (the first {WARMUP_STEPS} steps are warm-up, "
+            "not timed)")
   cfg = dataclasses.replace(LLAMA3_8B, num_layers=a.layers)
   out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers, "scan": a.scan,
          "fused": not a.no_fuse, "packing": a.packing}
