@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from jw4a16 import checks
 from jw4a16.qweight import QuantizedWeight
-from jw4a16.sharding import layer_matmul
+from jw4a16.sharding import layer_forward
 
 # Logical axis names of the parameters (map them to mesh axes with flax.linen.logical_axis_rules):
 #   qweight [K, N // 8], scales [K // G, N], qzeros [K // G, N // 8] -> kernel_axes = (in_axis, out_axis);
@@ -67,7 +67,12 @@ class W4A16Dense(nn.Module):
   packing: str = "gptq"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *, norm_weight=None, norm_eps: float = 1e-5, norm_ssq=None, residual=None,
+               residual_norm_weight=None):
+    """x [..., K] -> [..., features]; with norm_weight (or norm_ssq), x is a hidden state whose RMSNorm is
+    multiplied, and with a residual, returns (y + residual, its sums of squares per 64 columns[, times
+    residual_norm_weight]), as `jw4a16.w4a16_matmul`: folded into the kernel where it can be (no tensor
+    parallelism, no bias with a residual), in jnp around it otherwise."""
     k = x.shape[-1]
     g = check_layer(k, self.features, self.group_size, self.packing)
     n = self.features
@@ -86,8 +91,10 @@ class W4A16Dense(nn.Module):
                         jnp.int32)
     dtype = jnp.dtype(self.dtype or self.param_dtype)
     w = QuantizedWeight(qweight, scales.astype(dtype), qzeros, perm, g, self.zp_bias, self.packing)
-    y = layer_matmul(x.astype(dtype), w, self.parallel, self.parallel_axis, backend=self.backend)
+    cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+    bias = None
     if self.use_bias:
       bias = self.param("bias", part(nn.initializers.zeros_init(), (self.kernel_axes[1],)), (n,), self.param_dtype)
-      y = y + bias.astype(dtype)
-    return y
+    return layer_forward(x.astype(dtype), w, cast(bias), self.parallel, self.parallel_axis, backend=self.backend,
+                         norm_weight=cast(norm_weight), norm_eps=norm_eps, norm_ssq=norm_ssq, residual=cast(residual),
+                         residual_norm_weight=cast(residual_norm_weight))

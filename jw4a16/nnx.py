@@ -9,7 +9,7 @@ from flax import nnx
 
 from jw4a16.linen import DEFAULT_KERNEL_AXES, check_layer, qweight_shape
 from jw4a16.qweight import QuantizedWeight
-from jw4a16.sharding import layer_matmul
+from jw4a16.sharding import layer_forward
 
 
 class W4A16Linear(nnx.Module):
@@ -60,14 +60,17 @@ class W4A16Linear(nnx.Module):
       self.bias.set_value(jnp.asarray(bias, self.param_dtype))
     return self
 
-  def __call__(self, x):
+  def __call__(self, x, *, norm_weight=None, norm_eps: float = 1e-5, norm_ssq=None, residual=None,
+               residual_norm_weight=None):
+    """As W4A16Dense's: x [..., K] -> [..., N], or with a residual (h, ssq[, hg])."""
     dtype = jnp.dtype(self.dtype or self.param_dtype)
     w = QuantizedWeight(self.qweight.get_value(), self.scales.get_value().astype(dtype),
                         None if self.qzeros is None else self.qzeros.get_value(),
                         None if self.perm is None else self.perm.get_value(), self.group_size, self.zp_bias,
                         self.packing)
-    y = layer_matmul(x.astype(dtype), w, self.parallel, self.parallel_axis, backend=self.backend)
-    if self.bias is not None:
-      y = y + self.bias.get_value().astype(dtype)
-    return y
+    cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+    bias = None if self.bias is None else self.bias.get_value()
+    return layer_forward(x.astype(dtype), w, cast(bias), self.parallel, self.parallel_axis, backend=self.backend,
+                         norm_weight=cast(norm_weight), norm_eps=norm_eps, norm_ssq=norm_ssq, residual=cast(residual),
+                         residual_norm_weight=cast(residual_norm_weight))
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from jw4a16 import checks, launch, tuning
 from jw4a16.qweight import QuantizedWeight
-from jw4a16.reference import dequantize, dequantize_fragment_nk, w4a16_matmul_reference
+from jw4a16.reference import (SSQ_BLOCK, dequantize, dequantize_fragment_nk, residual_sum, rms_norm_from_ssq,
+                               sum_squares, w4a16_matmul_reference)
 
 BACKENDS = ("auto", "triton", "reference")
 BACKEND_ENV = "JW4A16_BACKEND"
@@ -123,35 +124,74 @@ def dequant_gemm(x2d, qweight, scales, qzeros, *, group_size, zp_bias, packing="
   return jnp.matmul(x2d, w)
 
 
-def _launch(x2d, qweight, scales, qzeros, *, group_size, zp_bias, config, packing="gptq", launcher="legacy"):
-  """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype.
+NO_EXTRAS = (None, None, None, None)  # (norm weight, norm ssq, residual, residual norm weight)
+
+
+def _norm_in(x2d, extras, eps):
+  """x2d itself, or its RMSNorm (the jnp form of the frag kernel's NORM): with a norm weight, of x2d; with only
+  the squares, x2d is h times the weight already and only its rows are scaled."""
+  gamma, ssq = extras[:2]
+  return x2d if gamma is None and ssq is None else rms_norm_from_ssq(x2d, gamma, eps, ssq)
+
+
+def _res_out(y, extras):
+  """y, or with a residual, residual_sum's (the jnp form of the kernel's RES, RES_GAMMA)."""
+  return y if extras[2] is None else residual_sum(y, *extras[2:])
+
+
+def _launch(x2d, qweight, scales, qzeros, extras=NO_EXTRAS, *, group_size, zp_bias, config,
+            packing="gptq", launcher="legacy", eps=0.0):
+  """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype (with a residual in extras,
+  also its sums of squares [M, N // 64]).
 
   Without a forced config, large M on targets where it measured faster takes the dequantize-then-GEMM route
   instead (dequant_gemm): the weight is dequantized in one pass and cuBLAS/hipBLASLt multiplies.
+  extras = (norm weight, norm ssq, residual, residual norm weight), any of them None (w4a16_matmul's
+  norm_weight, norm_ssq, residual, residual_norm_weight): folded into the frag kernel (w4a16_frag_norm_kernel);
+  around the other kernels and the dense route, jnp.
   """
   m, k = x2d.shape
   n = scales.shape[1]
   target = current_target()
   if config is None and tuning.use_dequant_gemm(m, target, checks.resolve_group_size(group_size, k), packing):
-    return dequant_gemm(x2d, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, packing=packing,
-                        launcher=launcher)
+    y = dequant_gemm(_norm_in(x2d, extras, eps), qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias,
+                     packing=packing, launcher=launcher)
+    return _res_out(y, extras)
 
-  from jw4a16.kernels import KERNELS  # noqa: PLC0415
+  from jw4a16.kernels import KERNELS, w4a16_frag_norm_kernel  # noqa: PLC0415
 
   dtype = np.dtype(x2d.dtype).name
   if config is not None:
     tuning.check_config(config, k, group_size)
   cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, target, packing)
+  fused = any(e is not None for e in extras)
+  if fused and cfg.kernel != "frag":
+    y = _launch(_norm_in(x2d, extras, eps), qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias,
+                config=cfg, packing=packing, launcher=launcher)
+    return _res_out(y, extras)
   extra = {"PTX": int(target.warp_size == 32)} if cfg.kernel == "frag" else {}  # NVIDIA: inline-PTX unpacking
   partials, locks = cfg.scratch_shapes(m, n)
+  args = (x2d, qweight, scales, scales if qzeros is None else qzeros, m, split_counters(locks[0], launcher))
+  out_shape = (jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32))
+  kernel = KERNELS[cfg.kernel]
+  if fused:  # the frag kernel with the norm and/or the residual folded in
+    gamma, ssq, res, res_gamma = extras
+    if gamma is not None and ssq is None:
+      ssq = sum_squares(x2d)
+    args += tuple(x2d if a is None else a for a in (gamma, ssq, res, res_gamma))
+    out_shape += (jax.ShapeDtypeStruct((m, n // SSQ_BLOCK) if res is not None else (1,), jnp.float32),
+                  jax.ShapeDtypeStruct((m, n) if res_gamma is not None else (1,), x2d.dtype))
+    kernel = w4a16_frag_norm_kernel
+    extra.update(NORM=1 if gamma is not None else (2 if ssq is not None else 0), RES=int(res is not None),
+                 RES_GAMMA=int(res_gamma is not None), EPS=float(eps))
   # jax-triton's custom call, or ("ffi") the same kernel as jaxlib's FFI Triton call (launch.py)
-  out, _ = launch.triton_call_for(launcher)(
-      x2d, qweight, scales, scales if qzeros is None else qzeros, m, split_counters(locks[0], launcher),
-      kernel=KERNELS[cfg.kernel], grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}",
-      out_shape=(jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32)),
-      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+  out, _, *rest = launch.triton_call_for(launcher)(
+      *args, kernel=kernel, grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}" + ("_norm" if fused else ""),
+      out_shape=out_shape, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
       N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta(), **extra)
-  return out
+  if extras[2] is None:
+    return out
+  return (out, rest[0]) if extras[3] is None else (out, rest[0], rest[1])
 
 
 def _inference_only(fn):
@@ -170,34 +210,46 @@ def _inference_only(fn):
 
 @functools.lru_cache(maxsize=None)
 def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelConfig | None, packing: str,
-                         launcher: str = "legacy"):
-  """custom_vmap'ed [M, K] x [K, N] kernel call: a vmap over x folds the batch into M (one launch); a vmap
-  over the weights (stacked layers) runs one launch per batch member with lax.map.  The launcher is part of the
-  key: jax caches the traced call per function and shapes, so one function per launcher."""
+                         launcher: str = "legacy", eps: float = 0.0):
+  """custom_vmap'ed [M, K] x [K, N] kernel call: a vmap over x (and the x-shaped extras: norm ssq, residual)
+  folds the batch into M (one launch); a vmap over the weights (stacked layers) or the norm weight runs one launch
+  per batch member with lax.map.  The launcher is part of the key: jax caches the traced call per function and
+  shapes, so one function per launcher."""
 
-  def call(x2d, qweight, scales, qzeros):
-    return _launch(x2d, qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias, config=config,
-                   packing=packing, launcher=launcher)
+  def call(x2d, qweight, scales, qzeros, extras):
+    return _launch(x2d, qweight, scales, qzeros, extras, group_size=group_size, zp_bias=zp_bias, config=config,
+                   packing=packing, launcher=launcher, eps=eps)
 
   @jax.custom_batching.custom_vmap
-  def f(x2d, qweight, scales, qzeros):
+  def f(x2d, qweight, scales, qzeros, extras):
     if x2d.shape[0] == 0:
-      return jnp.zeros((0, scales.shape[1]), x2d.dtype)
-    return call(x2d, qweight, scales, qzeros)
+      n = scales.shape[1]
+      return _res_out(jnp.zeros((0, n), x2d.dtype), (None, None) + tuple(
+          None if e is None else jnp.zeros((0, n), x2d.dtype) for e in extras[2:]))
+    return call(x2d, qweight, scales, qzeros, extras)
 
   @f.def_vmap
-  def _rule(axis_size, in_batched, x2d, qweight, scales, qzeros):
-    xb, qwb, sb, qzb = in_batched
-    if not (qwb or sb or any(jax.tree_util.tree_leaves(qzb))):
-      b, m, k = x2d.shape
-      return f(x2d.reshape(b * m, k), qweight, scales, qzeros).reshape(b, m, -1), True
+  def _rule(axis_size, in_batched, x2d, qweight, scales, qzeros, extras):
+    xb, qwb, sb, qzb, eb = in_batched
+    gb, ssqb, rb, rgb = (any(jax.tree_util.tree_leaves(b)) for b in eb)
+    qzb = any(jax.tree_util.tree_leaves(qzb))
 
     def bcast(a, batched):
-      return a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      return a if a is None or batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
 
-    args = (bcast(x2d, xb), bcast(qweight, qwb), bcast(scales, sb),
-            None if qzeros is None else bcast(qzeros, qzb))
-    return jax.lax.map(lambda a: f(*a), args), True
+    outs = 1 if extras[2] is None else (2 if extras[3] is None else 3)
+    out_batched = True if outs == 1 else (True,) * outs
+    if not (qwb or sb or gb or rgb or qzb):  # only x-shaped arguments are batched: fold the batch into M
+      x2d, ssq, res = bcast(x2d, xb), bcast(extras[1], ssqb), bcast(extras[2], rb)
+      b, m, k = x2d.shape
+      fold = lambda a: None if a is None else a.reshape(b * m, a.shape[-1])  # noqa: E731
+      out = f(fold(x2d), qweight, scales, qzeros, (extras[0], fold(ssq), fold(res), extras[3]))
+      unfold = lambda a: a.reshape(b, m, a.shape[-1])  # noqa: E731
+      return jax.tree_util.tree_map(unfold, out), out_batched
+
+    args = (bcast(x2d, xb), bcast(qweight, qwb), bcast(scales, sb), bcast(qzeros, qzb),
+            tuple(bcast(e, b) for e, b in zip(extras, (gb, ssqb, rb, rgb))))
+    return jax.lax.map(lambda a: f(*a), args), out_batched
 
   return _inference_only(f)
 
@@ -212,7 +264,9 @@ def _reference_call(group_size: int, zp_bias: int, packing: str):
 
 
 def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None, perm=None,
-                 packing: str = "gptq", backend: str | None = None, config: tuning.KernelConfig | None = None):
+                 packing: str = "gptq", backend: str | None = None, config: tuning.KernelConfig | None = None,
+                 norm_weight=None, norm_eps: float = 1e-5, norm_ssq=None, residual=None,
+                 residual_norm_weight=None):
   """x [..., K] @ W [K, N] -> [..., N] in x's dtype, W = (q - z) * s dequantized on the fly.
 
   Args:
@@ -235,6 +289,19 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
       perm).  The fastest layout on H100 (`jw4a16.preferred_packing` says which to use on this device).
     backend: "auto" (default; or $JW4A16_BACKEND), "triton" or "reference".
     config: a `jw4a16.tuning.KernelConfig` to force a tile shape (Triton path only).
+    norm_weight: [K] in x's dtype: x is a hidden state h and the product is taken of its RMSNorm,
+      norm_weight * (h * rsqrt(mean(h^2) + norm_eps)).to(dtype) (transformers' LlamaRMSNorm), formed inside the
+      kernel where the fragment packing runs (no norm kernel, no normalized copy of x), in jnp elsewhere.
+    norm_ssq: [..., K // 64] float32, the sums of h^2 over each 64 columns (the second output of the residual
+      matmul that wrote h); None: computed here from x.  Given without norm_weight, x is h times the norm weight
+      already (a residual matmul's third output, below): only the norm's row scale rsqrt(mean(h^2) + norm_eps)
+      is applied, to the fp32 product (x @ W) before it is rounded.
+    residual: [..., N] in x's dtype (N % 64 == 0): returns (h, ssq) = (out + residual, its norm_ssq
+      [..., N // 64]) instead of out: a Llama layer's o_proj and down_proj hand the next norm its input and its
+      squares this way.
+    residual_norm_weight: [N] in x's dtype, with residual: returns (h, ssq, h * residual_norm_weight), the last
+      being the next matmul's x with norm_ssq=ssq and no norm_weight: the norm then costs that matmul's K loop
+      nothing (the kernel's NORM = 2).
 
   Inference only: jax.grad through it raises.  Works under jax.jit and jax.vmap (a vmap over x folds into M).
   """
@@ -242,6 +309,8 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
   if config is not None and (config.kernel == "frag") != (packing == "fragment"):
     raise ValueError(f"config.kernel={config.kernel!r} does not read packing={packing!r} weights: kernel 'frag' "
                      "reads packing='fragment', the others packing='gptq'")
+  _check_fused_args(x, k, n, norm_weight, norm_ssq, residual, residual_norm_weight)
+  extras = (norm_weight, norm_ssq, residual, residual_norm_weight)
   path = resolve_backend(backend)
   valid = None  # traced g_idx: its check runs on the device
   if g_idx is not None:
@@ -255,22 +324,54 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
     checks.check_perm(known)
 
   if path == "reference":
-    out = _reference_call(g, zp_bias, packing)(x, qweight, scales, qzeros, g_idx, perm)
+    xn = _norm_in(x, extras, norm_eps)
+    out = _res_out(_reference_call(g, zp_bias, packing)(xn, qweight, scales, qzeros, g_idx, perm), extras)
   else:
     if g_idx is not None:  # act-order rows in checkpoint order: sort them by group for this call
       qweight, perm = jnp.take(qweight, sort, axis=0), sort
-    if perm is not None:
+    if perm is not None:  # x's columns (and the norm weight's) in qweight's row order; the squares' sum is the same
       x = jnp.take(x, jnp.asarray(perm, jnp.int32), axis=-1)
+      if norm_weight is not None:
+        extras = (jnp.take(norm_weight, jnp.asarray(perm, jnp.int32)),) + extras[1:]
     lead = x.shape[:-1]
-    out = _batched_kernel_call(g, zp_bias, config, packing, launch.resolve_launcher())(
-        x.reshape(math.prod(lead), k), qweight, scales, qzeros)
-    out = out.reshape(*lead, n)
+    flat = lambda a: None if a is None else a.reshape(math.prod(lead), a.shape[-1])  # noqa: E731
+    out = _batched_kernel_call(g, zp_bias, config, packing, launch.resolve_launcher(), float(norm_eps))(
+        flat(x), qweight, scales, qzeros, (extras[0], flat(extras[1]), flat(extras[2]), extras[3]))
+    out = jax.tree_util.tree_map(lambda a: a.reshape(*lead, a.shape[-1]), out)
   if valid is not None:
-    out = jnp.where(valid, out, jnp.nan).astype(x.dtype)
+    nan = lambda a: jnp.where(valid, a, jnp.nan).astype(a.dtype)  # noqa: E731
+    out = (nan(out[0]),) + tuple(out[1:]) if residual is not None else nan(out)
   return out
 
 
-def quantized_matmul(x, w: QuantizedWeight, *, backend: str | None = None, config=None):
-  """`w4a16_matmul` on a QuantizedWeight."""
+def _check_fused_args(x, k: int, n: int, norm_weight, norm_ssq, residual, residual_norm_weight) -> None:
+  """w4a16_matmul's norm_weight, norm_ssq, residual and residual_norm_weight: shapes and dtypes, or a ValueError
+  naming the argument."""
+  lead = tuple(x.shape[:-1])
+  if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
+    raise ValueError(f"norm_weight: expected {x.dtype} [K={k}], got {norm_weight.dtype} {list(norm_weight.shape)}")
+  if norm_ssq is not None:
+    if k % SSQ_BLOCK:
+      raise ValueError(f"norm_ssq needs K % {SSQ_BLOCK} == 0 (sums over 64 columns), got K={k}")
+    if tuple(norm_ssq.shape) != lead + (k // SSQ_BLOCK,) or norm_ssq.dtype != jnp.float32:
+      raise ValueError(f"norm_ssq: expected float32 {list(lead + (k // SSQ_BLOCK,))} (x's leading dims, K // 64), "
+                       f"got {norm_ssq.dtype} {list(norm_ssq.shape)}")
+  if residual is not None:
+    if n % SSQ_BLOCK:
+      raise ValueError(f"residual needs N % {SSQ_BLOCK} == 0 (its sums of squares are over 64 columns), got N={n}")
+    if tuple(residual.shape) != lead + (n,) or residual.dtype != x.dtype:
+      raise ValueError(f"residual: expected {x.dtype} {list(lead + (n,))} (x's leading dims, N), got "
+                       f"{residual.dtype} {list(residual.shape)}")
+  if residual_norm_weight is not None:
+    if residual is None:
+      raise ValueError("residual_norm_weight was given without residual: it scales the residual sum")
+    if residual_norm_weight.shape != (n,) or residual_norm_weight.dtype != x.dtype:
+      raise ValueError(f"residual_norm_weight: expected {x.dtype} [N={n}], got {residual_norm_weight.dtype} "
+                       f"{list(residual_norm_weight.shape)}")
+
+
+def quantized_matmul(x, w: QuantizedWeight, *, backend: str | None = None, config=None, **fused):
+  """`w4a16_matmul` on a QuantizedWeight (fused: its norm_weight, norm_eps, norm_ssq, residual,
+  residual_norm_weight)."""
   return w4a16_matmul(x, w.qweight, w.scales, w.qzeros, group_size=w.group_size, zp_bias=w.zp_bias, perm=w.perm,
-                      packing=w.packing, backend=backend, config=config)
+                      packing=w.packing, backend=backend, config=config, **fused)

@@ -6,6 +6,7 @@ kernel does), then multiplies with float32 accumulation.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jw4a16 import checks
@@ -66,3 +67,36 @@ def w4a16_matmul_reference(x, qweight, scales, qzeros=None, *, group_size: int, 
   # CPU lacks a bf16 x bf16 -> f32 dot in some contexts (inside shard_map with explicit sharding); "highest"
   # keeps GPUs from using TF32.
   return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest").astype(x.dtype)
+
+
+SSQ_BLOCK = 64  # columns per partial sum of squares (ops.w4a16_matmul's residual output, norm_ssq input)
+
+
+def sum_squares(h):
+  """h [..., N] (N % 64 == 0) -> [..., N // 64] fp32: the sums of h^2 in fp32 over each 64 columns, the form in
+  which a residual matmul hands its output's squares to the next norm (kernels/splitk.py).  Of h as rounded to
+  its dtype: XLA may otherwise square the fp32 value h was rounded from (its excess-precision rewrites)."""
+  fi = jnp.finfo(h.dtype)
+  f = jax.lax.reduce_precision(h.astype(jnp.float32), fi.nexp, fi.nmant)
+  f = f.reshape(*h.shape[:-1], h.shape[-1] // SSQ_BLOCK, SSQ_BLOCK)
+  return jnp.sum(f * f, axis=-1)
+
+
+def rms_norm_from_ssq(h, weight, eps: float, ssq=None):
+  """transformers' LlamaRMSNorm of h [..., K] (jw4a16.norm.rms_norm_reference) with the mean square taken from
+  ssq [..., K // 64] (sum_squares(h)) when given: weight * (h * rsqrt(mean + eps)).to(dtype).  weight None: h is
+  the hidden state times the norm weight already (residual_sum's third output) and ssq the hidden state's squares:
+  only the row scale, (h * rsqrt(mean + eps)).to(dtype)."""
+  if weight is None and ssq is None:
+    raise ValueError("rms_norm_from_ssq: without a weight, the squares (ssq) of the hidden state are needed")
+  f = h.astype(jnp.float32)
+  total = jnp.sum(f * f if ssq is None else ssq, axis=-1, keepdims=True)
+  scaled = (f * jax.lax.rsqrt(total / h.shape[-1] + eps)).astype(h.dtype)
+  return scaled if weight is None else weight * scaled
+
+
+def residual_sum(y, residual, norm_weight=None):
+  """(h, sum_squares(h)) with h = y + residual, and with the next norm's weight also h * norm_weight: what
+  w4a16_matmul(..., residual=, residual_norm_weight=) returns, in jnp."""
+  h = y + residual
+  return (h, sum_squares(h)) if norm_weight is None else (h, sum_squares(h), h * norm_weight)

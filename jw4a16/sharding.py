@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jw4a16 import checks
 from jw4a16.ops import w4a16_matmul
 from jw4a16.qweight import QuantizedWeight
+from jw4a16.reference import residual_sum, rms_norm_from_ssq
 
 MODES = ("column", "row")
 
@@ -87,12 +88,41 @@ def parallel_matmul(x, w: QuantizedWeight, mode: str, axis: str, *, mesh=None, b
   return f(*args)
 
 
-def layer_matmul(x, w: QuantizedWeight, parallel: str | None, axis: str, *, backend=None):
-  """What W4A16Dense and W4A16Linear run: the plain op, or parallel_matmul when `parallel` is set."""
+def layer_matmul(x, w: QuantizedWeight, parallel: str | None, axis: str, *, backend=None, **fused):
+  """What W4A16Dense and W4A16Linear run: the plain op (fused: its norm_weight, norm_eps, norm_ssq, residual), or
+  parallel_matmul when `parallel` is set (no fused arguments)."""
   if parallel is not None:
+    if fused:
+      raise ValueError(f"parallel={parallel!r}: the norm and residual are applied around the sharded op, not in it")
     return parallel_matmul(x, w, parallel, axis, backend=backend)
   return w4a16_matmul(x, w.qweight, w.scales, w.qzeros, group_size=w.group_size, zp_bias=w.zp_bias, perm=w.perm,
-                      packing=w.packing, backend=backend)
+                      packing=w.packing, backend=backend, **fused)
+
+
+def layer_forward(x, w: QuantizedWeight, bias, parallel: str | None, axis: str, *, backend=None, norm_weight=None,
+                  norm_eps: float = 1e-5, norm_ssq=None, residual=None, residual_norm_weight=None):
+  """W4A16Dense's and W4A16Linear's forward: x @ W (+ bias), with w4a16_matmul's norm and residual arguments
+  folded into the op where it can take them (no tensor parallelism; no bias with a residual: the residual comes
+  after the bias) and applied in jnp around it otherwise (the norm before the sharded op, the residual after its
+  psum).  x, bias and the fused arrays are in the computation dtype (w.scales')."""
+  n = w.shape[1]
+  if residual is not None and n % 64:
+    raise ValueError(f"residual: needs features % 64 == 0 (its sums of squares are over 64 columns), got {n}")
+  fused = {}
+  if norm_weight is not None or norm_ssq is not None:
+    fused.update(norm_weight=norm_weight, norm_eps=norm_eps, norm_ssq=norm_ssq)
+  if residual is not None:
+    fused.update(residual=residual, residual_norm_weight=residual_norm_weight)
+  if fused and (parallel is not None or (bias is not None and residual is not None)):
+    if "norm_eps" in fused:
+      x = rms_norm_from_ssq(x, norm_weight, norm_eps, norm_ssq)
+    fused = {}
+  y = layer_matmul(x, w, parallel, axis, backend=backend, **fused)
+  if "residual" in fused:
+    return y
+  if bias is not None:
+    y = y + bias
+  return y if residual is None else residual_sum(y, residual, residual_norm_weight)
 
 
 def param_shardings(w: QuantizedWeight, mode: str, axis: str, mesh) -> QuantizedWeight:

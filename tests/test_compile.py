@@ -100,6 +100,41 @@ def test_compiles_within_limits(target, i):
     assert rep["matrix_unit"] == expected, rep
 
 
+# The frag kernel with a layer's norm (NORM) or residual (RES, RES_GAMMA) folded in (w4a16_frag_norm_kernel), at
+# the dispatcher's picks for the Llama-3-8B projections that take them in the model: q/k/v the norm, o the
+# residual and the next norm's weight, gate/up the row scale (NORM = 2), down the residual; M = 1 and 16.
+NORM_JOBS = {t: [(tuning.select_config(m, k, n, 128, "bfloat16", False, HEURISTIC_TARGET[t], "fragment"), k, n, m,
+                  norm, res, rg) for k, n, norm, res, rg in ((4096, 6144, 1, 0, 0), (4096, 28672, 2, 0, 0),
+                                                             (14336, 4096, 0, 1, 0), (4096, 4096, 0, 1, 1),
+                                                             (4096, 4096, 1, 1, 0), (4096, 28672, 1, 0, 0))
+                  for m in (1, 16)]
+             for t in TARGETS}
+
+
+@functools.cache
+def norm_reports(target):
+  jobs = [dict(meta=c.meta(), n=n, k=k, group_size=128, dtype="bfloat16", has_zp=False, num_warps=c.num_warps,
+               num_stages=c.num_stages, amd_options=c.amd_options(), kernel="frag", m_is_one=m == 1, norm=nm,
+               res=bool(rs), res_gamma=bool(rg)) for c, k, n, m, nm, rs, rg in NORM_JOBS[target]]
+  return compile_in_subprocess(target, jobs)
+
+
+NORM_CASES = [(t, i) for t in TARGETS for i in range(len(NORM_JOBS[t]))]
+
+
+@pytest.mark.parametrize("target,i", NORM_CASES, ids=[f"{t}-{i}" for t, i in NORM_CASES])
+def test_fused_norm_kernel_compiles(target, i):
+  cfg, *_ = NORM_JOBS[target][i]
+  rep = norm_reports(target)[i]
+  assert "error" not in rep, rep.get("error")
+  assert rep["shared"] <= SHARED_LIMIT[target] and rep["spills"] == 0, rep
+  assert not rep["wgmma_in_flight"], rep
+  if cfg.scale_w == 2 and not target.startswith("gfx"):  # the norm weight, too, staged by the pipeliner
+    assert rep["loop_global_loads"] == 0, rep
+  if target == "sm90" and NORM_JOBS[target][i][4] != 1:  # the row scale (NORM = 2) leaves x in shared memory
+    assert rep["tiles_to_shared"] == 0, rep
+
+
 # The decode-attention kernel (jw4a16.attention) at Llama-3 shapes: 4 query heads a kv head, head_dim 128 (and 64),
 # one split (a long batch) and 16 splits (batch 1).
 # The step kernel (rotary and cache writes folded in) at the same shapes.

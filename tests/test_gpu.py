@@ -447,6 +447,7 @@ def test_generate_decodes_with_the_ffi_launcher(monkeypatch):
           0.0, None, None)
   with launch.use_launcher(launch.decode_launcher()):
     assert f"{launch.FFI_TARGET}" in m._decode.lower(*args).as_text()
+    assert f"{launch.FFI_TARGET}" in m._decode_n.lower(*args, llama.DECODE_CHUNK).as_text()  # what generate runs
   monkeypatch.setenv(launch.LAUNCHER_ENV, "legacy")
   m_legacy = llama.load("tests/fixtures/llama-w4a16-asym", progress=False)
   assert launch.FFI_TARGET not in m_legacy._decode.lower(*args).as_text()
@@ -470,3 +471,54 @@ def test_llama_decode_step_kernel_matches_reference_attention(monkeypatch):
     logits, _ = step(m.params, ids[:, :1], cache, np.int32(ids.shape[1]))
     outs.append(np.asarray(logits))
   assert np.linalg.norm(outs[0] - outs[1]) / np.linalg.norm(outs[1]) < 2e-2
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 33])
+@pytest.mark.parametrize("kn,norm,residual", [((4096, 6144), True, False), ((4096, 28672), True, False),
+                                               ((14336, 4096), False, True), ((4096, 4096), False, True),
+                                               ((4096, 4096), True, True)])
+@pytest.mark.parametrize("dtype,symmetric", [("bfloat16", True), ("float16", False)])
+def test_fused_norm_and_residual_on_gpu(m, kn, norm, residual, dtype, symmetric):
+  """The frag kernel's NORM / RES (w4a16_matmul's norm_weight, residual) at the decode picks of the Llama-3-8B
+  projections, through jit, against the jnp norm and the float64 product (tests/test_fused_norm.py)."""
+  from jw4a16 import reference  # noqa: PLC0415
+  from tests.test_fused_norm import EPS, _expected, _inputs  # noqa: PLC0415
+
+  k, n = kn
+  qw, s, qz, _, w = make_weights(k, n, 128, dtype=dtype, symmetric=symmetric)
+  fq = jw4a16.layout.to_fragment_packed(qw)
+  h, gamma, res = _inputs(m, k, n, dtype)
+  kw = dict(group_size=128, packing="fragment", norm_eps=EPS)
+  f = jax.jit(lambda h, ssq, r: jw4a16.w4a16_matmul(h, fq, s, qz, norm_weight=gamma if norm else None,
+                                                    norm_ssq=ssq, residual=r, **kw))
+  out = f(h, reference.sum_squares(h) if norm else None, res if residual else None)
+  if residual:
+    out, ssq = out
+    np.testing.assert_allclose(np.asarray(ssq), np.asarray(reference.sum_squares(out)), rtol=1e-5)
+  assert_close(out, _expected(h, gamma, res, w, norm, residual), dtype)
+
+
+@pytest.mark.parametrize("m", [1, 16, 33])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_prescaled_norm_chain_on_gpu(m, dtype):
+  """o_proj -> gate/up of a Llama-3-8B layer on the frag kernel: RES with RES_GAMMA (the residual sum times the
+  post-attention norm's weight), then NORM = 2 (only the rows' scale), against the jnp norm of h."""
+  from jw4a16 import reference  # noqa: PLC0415
+  from tests.test_fused_norm import EPS, _inputs  # noqa: PLC0415
+
+  qo, so, _, _, wo = make_weights(4096, 4096, 128, dtype=dtype)
+  qg, sg, _, _, wg = make_weights(4096, 28672, 128, dtype=dtype, seed=3)
+  fo, fg = jw4a16.layout.to_fragment_packed(qo), jw4a16.layout.to_fragment_packed(qg)
+  a, gamma, res = _inputs(m, 4096, 4096, dtype)
+  kw = dict(group_size=128, packing="fragment")
+
+  @jax.jit
+  def f(a, res):
+    h, ssq, hg = jw4a16.w4a16_matmul(a, fo, so, residual=res, residual_norm_weight=gamma, **kw)
+    return h, ssq, hg, jw4a16.w4a16_matmul(hg, fg, sg, norm_ssq=ssq, norm_eps=EPS, **kw)
+
+  h, ssq, hg, out = f(a, res)
+  assert_close(h, np.asarray(a, np.float64) @ wo + np.asarray(res, np.float64), dtype)
+  np.testing.assert_allclose(np.asarray(ssq), np.asarray(reference.sum_squares(h)), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(hg, np.float32), np.asarray(h * gamma, np.float32))
+  assert_close(out, np.asarray(reference.rms_norm_from_ssq(h, gamma, EPS), np.float64) @ wg, dtype)

@@ -57,6 +57,33 @@ def test_linen_equals_op_and_nnx(symmetric):
                                 np.asarray(y, np.float32))
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_layers_fold_norm_and_residual(use_bias):
+  """W4A16Dense and W4A16Linear with norm_weight / residual / residual_norm_weight: the op's outputs without a
+  bias; with a bias (the residual comes after it) the same math around the op, in jnp."""
+  from jw4a16 import reference  # noqa: PLC0415
+
+  w = jax.random.normal(jax.random.key(1), (K, N)) * 0.05
+  b = jax.random.normal(jax.random.key(2), (N,)).astype(jnp.bfloat16)
+  qw = jw4a16.quantize(w, group_size=64)
+  x, res = make_x((2, 3, K)) * 3, make_x((2, 3, N), seed=4)
+  gamma, gamma2 = jnp.linspace(0.5, 1.5, K).astype(jnp.bfloat16), jnp.linspace(1.5, 0.5, N).astype(jnp.bfloat16)
+  layer = jw4a16.W4A16Dense(N, group_size=64, use_bias=use_bias)
+  params = {"params": layer_params(qw, b if use_bias else None)}
+  kw = dict(norm_weight=gamma, norm_eps=1e-5, residual=res, residual_norm_weight=gamma2)
+  h, ssq, hg = jax.jit(lambda p, x: layer.apply(p, x, **kw))(params, x)
+  y = jw4a16.w4a16_matmul(reference.rms_norm_from_ssq(x, gamma, 1e-5), qw.qweight, qw.scales, group_size=64)
+  want = (y + b if use_bias else y) + res
+  np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(want, np.float32), rtol=2**-7, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(ssq), np.asarray(reference.sum_squares(h)), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(hg, np.float32), np.asarray(h * gamma2, np.float32))
+  lin = jnnx.W4A16Linear(K, N, group_size=64, use_bias=use_bias, rngs=nnx.Rngs(0)).load(qw, b if use_bias else None)
+  for a, c in zip(nnx.jit(lambda m, x: m(x, **kw))(lin, x), (h, ssq, hg)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), rtol=1e-6)
+  with pytest.raises(ValueError, match="residual: needs features % 64 == 0"):
+    jw4a16.W4A16Dense(40, group_size=64).init(jax.random.key(0), x, residual=jnp.zeros((2, 3, 40), jnp.bfloat16))
+
+
 def test_init_shapes_types_and_partitioning():
   layer = jw4a16.W4A16Dense(N, group_size=64, symmetric=False, act_order=True)
   p = layer.init(jax.random.key(0), jnp.ones((1, K), jnp.bfloat16))["params"]

@@ -53,12 +53,33 @@ def test_sampling_and_bad_args(loaded):
     m.generate(ids[0], 3)
 
 
+def test_decode_chunks_give_the_same_tokens(loaded):
+  """generate's decode calls of `decode_chunk` steps (a lax.scan each; surplus steps discarded): the same greedy
+  and sampled tokens whatever the chunk, and on_token once per token, in order."""
+  m, fx, _ = loaded
+  ids = np.array([fx["input_ids"]] * 2, np.int32)
+  seen = []
+  runs = [m.generate(ids, 7, decode_chunk=c, on_token=lambda i, t: seen.append((i, t.tolist()))).tokens
+          for c in (1, 4, 16)]
+  assert all((r == runs[0]).all() for r in runs) and runs[0].shape == (2, 7)
+  assert [i for i, _ in seen] == list(range(7)) * 3
+  assert [t for _, t in seen[:7]] == runs[0].T.tolist()
+  sampled = [m.generate(ids, 6, temperature=0.8, top_k=20, key=jax.random.key(3), decode_chunk=c).tokens
+             for c in (1, 5)]
+  assert (sampled[0] == sampled[1]).all()
+  with pytest.raises(ValueError, match="decode_chunk=0 must be >= 1"):
+    m.generate(ids, 3, decode_chunk=0)
+
+
 def test_no_recompile_per_token(loaded):
   m, fx, _ = loaded
   m.generate(np.array([fx["input_ids"]], np.int32), 4)
   before = m._step._cache_size()  # noqa: SLF001
   m.generate(np.array([fx["input_ids"]], np.int32), 20)
   assert m._step._cache_size() == before  # noqa: SLF001
+  chunks = m._decode_n._cache_size()  # noqa: SLF001
+  m.generate(np.array([fx["input_ids"]], np.int32), 30)  # the same chunk of 16 steps, the same cache length
+  assert m._decode_n._cache_size() == chunks  # noqa: SLF001
 
 
 def test_fused_projections_match_separate(loaded):
@@ -183,3 +204,28 @@ def test_llama_bench_refuses_too_few_steps(capsys):
     llama_bench.main(["--steps", str(llama_bench.WARMUP_STEPS)])
   assert f"--steps={llama_bench.WARMUP_STEPS}: at least {llama_bench.WARMUP_STEPS + 1} are needed" in \
       capsys.readouterr().err
+
+
+def test_llama_bench_measures_every_decode_mode():
+  """llama_bench.measure on the tiny config (CPU): a step at a time, one step a call, and generate's chunks."""
+  from jw4a16.models import llama_bench  # noqa: PLC0415
+
+  res = llama_bench.measure(TINY, True, (1,), 5, 16, jax.random.key(0))
+  for key in ("decode_tokens_per_s_b1", "decode_pipelined_tokens_per_s_b1", "decode_generate_tokens_per_s_b1",
+              "prefill_tokens_per_s"):
+    assert res[key] > 0, key
+
+
+def test_prescaled_norm_wiring_matches(monkeypatch):
+  """The wiring the GPU takes with the frag kernel (llama.prescales_norm: o_proj writes h times the post-attention
+  norm's weight, gate/up scale only their rows), forced on the reference path: logits within bf16 rounding of
+  those in transformers' order."""
+  path = "jw4a16/assets/tiny-llama-w4a16"
+  ids = np.array([[1, 5, 9, 2, 7, 3]], np.int32)
+  m = llama.load(path, progress=False)
+  want = np.asarray(m(ids))
+  monkeypatch.setattr(llama, "prescales_norm", lambda quant, prefix, cfg: True)
+  pre = llama.load(path, progress=False)
+  got = np.asarray(pre(ids))
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+  assert not np.array_equal(got, want)  # the prescaled route did run

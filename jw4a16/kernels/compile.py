@@ -42,22 +42,37 @@ class CompileReport:
 
 def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
                    has_zp: bool = False, zp_bias: int = 8, num_warps: int = 4, num_stages: int = 3,
-                   amd_options: dict | None = None, kernel: str = "tile", m_is_one: bool = False):
+                   amd_options: dict | None = None, kernel: str = "tile", m_is_one: bool = False,
+                   norm: int = 0, res: bool = False, res_gamma: bool = False):
   """Compiles KERNELS[kernel] for `target` (a key of TARGETS) with the constexprs jax-triton would pass.
 
   m_is_one: M is the constexpr 1, as jax-triton makes an integer argument equal to 1.
+  norm (0, 1, 2), res, res_gamma (kernel "frag"): w4a16_frag_norm_kernel with NORM / RES / RES_GAMMA, as
+  ops._launch passes a norm weight (1) or only its squares (2), a residual, a residual norm weight.
   """
-  sig = {"x_ptr": f"*{_TT[dtype]}", "qweight_ptr": "*i32", "scales_ptr": f"*{_TT[dtype]}", "qzeros_ptr": "*i32",
-         "M": "i32", "lock_ptr": "*i32", "out_ptr": f"*{_TT[dtype]}", "partial_ptr": "*fp32"}
+  tt = _TT[dtype]
+  sig = {"x_ptr": f"*{tt}", "qweight_ptr": "*i32", "scales_ptr": f"*{tt}", "qzeros_ptr": "*i32", "M": "i32",
+         "lock_ptr": "*i32", "out_ptr": f"*{tt}", "partial_ptr": "*fp32"}
   constexprs = dict(N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=has_zp, ZP_BIAS=zp_bias, **meta)
+  fn = KERNELS[kernel]
   if kernel == "frag":  # NVIDIA: the unpacking's inline-PTX LOP3, as ops._launch passes it
     constexprs.setdefault("PTX", int(TARGETS[target].backend == "cuda"))
+  if norm or res or res_gamma:
+    from jw4a16.kernels.w4a16_frag import w4a16_frag_norm_kernel  # noqa: PLC0415
+
+    if kernel != "frag":
+      raise ValueError(f"norm / res: only the frag kernel folds them in, not {kernel!r}")
+    sig = {name: sig[name] for name in ("x_ptr", "qweight_ptr", "scales_ptr", "qzeros_ptr", "M", "lock_ptr")}
+    sig |= {"gamma_ptr": f"*{tt}", "ssq_in_ptr": "*fp32", "res_ptr": f"*{tt}", "res_gamma_ptr": f"*{tt}",
+            "out_ptr": f"*{tt}", "partial_ptr": "*fp32", "ssq_out_ptr": "*fp32", "hg_out_ptr": f"*{tt}"}
+    constexprs |= dict(NORM=int(norm), RES=int(res), RES_GAMMA=int(res_gamma), EPS=1e-5)
+    fn = w4a16_frag_norm_kernel
   if m_is_one:
     constexprs["M"] = 1
   sig.update({name: "constexpr" for name in constexprs})
   # jax-triton assumes 16-byte aligned arrays; say so, as it does
-  attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6, 7)}
-  src = triton.compiler.ASTSource(fn=KERNELS[kernel], signature=sig, constexprs=constexprs, attrs=attrs)
+  attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name.endswith("_ptr")}
+  src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
   options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)  # jax-triton's default
   if TARGETS[target].backend == "hip" and amd_options:
     options.update({k: v for k, v in amd_options.items() if v})

@@ -10,6 +10,12 @@ the partials; only integer atomics are used (one per program), so it suits AMD a
 slow.  Because every launch leaves its counters at zero, one zeroed buffer serves every launch after it
 (jw4a16.ops passes a constant of the compiled program; no memset per call).
 
+RES = 1 (the frag kernel's fused residual, jw4a16.ops.w4a16_matmul(..., residual=)): the tile that is written is
+h = out.to(dtype) + residual (in the activation dtype, as the model adds), and each row's sum of squares of h in
+fp32 over each 64 columns goes to ssq [M, N // 64] (BLOCK_N a multiple of 64, N % 64 == 0), from which the next
+matmul's RMSNorm (NORM) forms the row's rstd without another pass over h; RES_GAMMA also writes h times the next
+norm's weight, which that matmul then multiplies as it is (NORM = 2).
+
 Ordering: the barrier makes all of the program's partial stores happen before its ticket, and the ticket's
 acq_rel (gpu scope) releases them to, and acquires the others' for, the last program; the partials are then
 read with .cg (L2, not the SM's L1 cache).
@@ -20,16 +26,36 @@ import triton.language as tl
 
 
 @triton.jit
+def _write(total, out_ptrs, mask, res_ptrs, ssq_ptrs, ssq_mask, RES: tl.constexpr, gamma_ptrs, hg_ptrs,
+           RES_GAMMA: tl.constexpr):
+  """The tile's output: total [BM, BN] fp32 rounded to the output dtype, plus the residual with RES (and its
+  sums of squares per 64 columns to ssq_ptrs [BM, BN // 64]; with RES_GAMMA also the sum times gamma [1, BN] to
+  hg_ptrs)."""
+  y = total.to(out_ptrs.dtype.element_ty, fp_downcast_rounding="rtne")
+  if RES:
+    y = y + tl.load(res_ptrs, mask=mask, other=0.0)
+    h = y.to(tl.float32)
+    h = tl.where(mask, h * h, 0.0)
+    tl.store(ssq_ptrs, tl.sum(tl.reshape(h, (h.shape[0], h.shape[1] // 64, 64)), axis=2), mask=ssq_mask)
+    if RES_GAMMA:
+      tl.store(hg_ptrs, y * tl.load(gamma_ptrs, mask=mask, other=0.0), mask=mask)
+  tl.store(out_ptrs, y, mask=mask)
+
+
+@triton.jit
 def store_tile(acc, out_ptrs, partial_ptrs, mask, M, N: tl.constexpr, lock_ptr, tile, pid_k,
-               SPLIT_K: tl.constexpr, UNROLL: tl.constexpr):
+               SPLIT_K: tl.constexpr, UNROLL: tl.constexpr, res_ptrs=None, ssq_ptrs=None, ssq_mask=None,
+               RES: tl.constexpr = 0, gamma_ptrs=None, hg_ptrs=None, RES_GAMMA: tl.constexpr = 0):
   """Writes the fp32 tile `acc` to `out_ptrs` (SPLIT_K == 1) or runs the split-K epilogue above.
 
   partial_ptrs point into slot 0 of the workspace [SPLIT_K, M, N] for this tile's elements.  UNROLL (a power
   of two): read up to that many slots per unrolled chunk, their loads in flight together: 8 for the gemv
   kernel's 1 x BLOCK_N tiles, 1 for the tile kernel (its 64 x 128 tiles spill registers when unrolled).
+  RES: the fused residual (module docstring); res_ptrs as out_ptrs, ssq_ptrs [BM, BN // 64] and their mask;
+  RES_GAMMA: also the output times gamma_ptrs' values [1, BN] to hg_ptrs (as out_ptrs).
   """
   if SPLIT_K == 1:
-    tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    _write(acc, out_ptrs, mask, res_ptrs, ssq_ptrs, ssq_mask, RES, gamma_ptrs, hg_ptrs, RES_GAMMA)
   else:
     zero = pid_k.to(tl.int64) * 0  # int64 offsets: SPLIT_K * M * N may pass 2**31
     slot = (zero + M) * N
@@ -43,5 +69,5 @@ def store_tile(acc, out_ptrs, partial_ptrs, mask, M, N: tl.constexpr, lock_ptr, 
       for s0 in range(0, SPLIT_K, C):
         for j in tl.static_range(C):
           total += tl.load(partial_ptrs + (zero + s0 + j) * slot, mask=mask, other=0.0, cache_modifier=".cg")
-      tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+      _write(total, out_ptrs, mask, res_ptrs, ssq_ptrs, ssq_mask, RES, gamma_ptrs, hg_ptrs, RES_GAMMA)
       tl.store(lock_ptr + tile, 0)  # every ticket is drawn: the counter is ready for the next launch

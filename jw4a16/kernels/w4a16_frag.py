@@ -25,6 +25,9 @@ the second, and SCALE_W must be 1 or 2), SPLIT_K, and
     scales read as int32 pairs (see the K loop); 0 runs the dot on B + q and corrects the fp32 accumulator after
     each K step: acc += (dot - (B + z) * rowsum(x)) * s.
   PTX: 1 on NVIDIA only, the unpacking's AND + OR as one inline-PTX LOP3 (ptxas does not fuse two immediates).
+
+w4a16_frag_norm_kernel is the same kernel (one body, _frag_body) with a Llama layer's RMSNorm and residual add
+folded in (NORM, RES, RES_GAMMA: its docstring), for jw4a16.ops.w4a16_matmul's norm and residual arguments.
 """
 
 import triton
@@ -175,6 +178,69 @@ def w4a16_frag_kernel(
     SCALE_W: tl.constexpr = 0,
     PTX: tl.constexpr = 0,
 ):
+  _frag_body(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, M, lock_ptr, x_ptr, x_ptr, x_ptr, x_ptr, out_ptr,
+             partial_ptr, partial_ptr, out_ptr, N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
+             SCALE_W, PTX, 0, 0, 0, 0.0)
+
+
+@triton.jit
+def w4a16_frag_norm_kernel(
+    x_ptr,
+    qweight_ptr,
+    scales_ptr,
+    qzeros_ptr,
+    M,
+    lock_ptr,
+    gamma_ptr,
+    ssq_in_ptr,
+    res_ptr,
+    res_gamma_ptr,
+    out_ptr,
+    partial_ptr,
+    ssq_out_ptr,
+    hg_out_ptr,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZP: tl.constexpr,
+    ZP_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    SCALE_W: tl.constexpr = 0,
+    PTX: tl.constexpr = 0,
+    NORM: tl.constexpr = 0,
+    RES: tl.constexpr = 0,
+    RES_GAMMA: tl.constexpr = 0,
+    EPS: tl.constexpr = 1e-5,
+):
+  """w4a16_frag_kernel with a Llama layer's norm and residual folded in (jw4a16.ops.w4a16_matmul's norm_weight
+  and residual), so the decode step runs no norm kernels between its matmuls:
+
+  NORM = 1: x is the hidden state h [M, K]; the product uses rms_norm(h) = gamma * (h * rstd).to(dtype), rstd =
+    rsqrt(sum(ssq_in[m, :]) / K + EPS) from ssq_in [M, K // 64], the fp32 sums of squares of h per 64 columns
+    that the matmul which wrote h left (RES below); each K step scales its x tile so.  That costs the K loop a
+    pass of the x tile through registers and back to shared memory (the dot reads it there): on H100 +0.7 - 2.2
+    us at M = 1 and up to +14 us at M = 16 on the Llama-3-8B shapes (docs/performance.md, session 16).
+  NORM = 2: x is h * gamma already (RES_GAMMA's hg); the fp32 product's rows are scaled by rstd before the
+    output is rounded, so the K loop is the plain kernel's.
+  RES: writes out = (x @ W).to(dtype) + res [M, N] and ssq_out [M, N // 64] of that sum (kernels/splitk.py);
+    with RES_GAMMA also hg_out = out * res_gamma [N] (the next NORM = 2 matmul's x).
+  Unused pointers may be any array (the constexprs leave them untouched).
+  """
+  _frag_body(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, M, lock_ptr, gamma_ptr, ssq_in_ptr, res_ptr,
+             res_gamma_ptr, out_ptr, partial_ptr, ssq_out_ptr, hg_out_ptr, N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS,
+             BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, SCALE_W, PTX, NORM, RES, RES_GAMMA, EPS)
+
+
+@triton.jit
+def _frag_body(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, M, lock_ptr, gamma_ptr, ssq_in_ptr, res_ptr,
+               res_gamma_ptr, out_ptr, partial_ptr, ssq_out_ptr, hg_out_ptr, N: tl.constexpr, K: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_W: tl.constexpr,
+               PTX: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr, RES_GAMMA: tl.constexpr,
+               EPS: tl.constexpr):
   DTYPE: tl.constexpr = x_ptr.dtype.element_ty
   B: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0
   tl.static_assert(BLOCK_K % 64 == 0, "fragment-packed blocks are 64 K values")
@@ -220,9 +286,21 @@ def w4a16_frag_kernel(
   if not SCALE_W:
     s_nxt, zq_nxt = _group_params(scales_ptr, qzeros_ptr, tl.minimum(k_begin, K - 1) // GROUP_SIZE, n0, offs_n,
                                   mask_n, N, HAS_ZP, DTYPE, BLOCK_N, 0)
+  if NORM:  # the rows' rstd from the producer's sums of squares per 64 columns
+    NS: tl.constexpr = K // 64
+    offs_s = tl.arange(0, triton.next_power_of_2(NS))
+    ssq = tl.load(ssq_in_ptr + offs_m.to(tl.int64)[None, :] * NS + offs_s[:, None],
+                  mask=mask_m[None, :] & (offs_s < NS)[:, None], other=0.0)
+    rstd = tl.rsqrt(tl.sum(ssq, axis=0) / K + EPS)[None, :]  # [1, BLOCK_M]
   for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):  # a split may start past K: no steps
     words = tl.load(w_tile + (w_offs + (k0 // 64) * (ROW_BLOCK * 8)), mask=mask_n[:, None], other=0)
     xt = tl.load(x_cols + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
+    if NORM == 1:  # transformers' order: the scaled row rounded to the dtype, then times the weight
+      # as int32 pairs, which the pipeliner stages (one 16-bit value a thread stayed an ld.global in the loop)
+      offs_g = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+      gamma = tl.reshape(_halves(tl.load(gamma_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs_g), DTYPE),
+                         (BLOCK_K, 1))
+      xt = (xt.to(tl.float32) * rstd).to(DTYPE) * gamma
     if SCALE_W:
       s_cur, zq_cur = _group_params(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, n0, offs_n, mask_n, N, HAS_ZP, DTYPE,
                                     BLOCK_N, SCALE_W == 2)
@@ -241,7 +319,17 @@ def w4a16_frag_kernel(
 
   if SCALE_W:
     acc = acc * 0.0625
+  if NORM == 2:  # x was h * gamma: the norm's row scale, on each partial (the split-K sum is linear)
+    acc = acc * rstd
   acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
   mask = mask_m[:, None] & mask_n[None, :]
   offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-  store_tile(acc, out_ptr + offs, partial_ptr + offs, mask, M, N, lock_ptr, pid, pid_k, SPLIT_K, 1)
+  if RES:
+    NB: tl.constexpr = BLOCK_N // 64
+    offs_b = pid_n * NB + tl.arange(0, NB)
+    ssq_offs = offs_m.to(tl.int64)[:, None] * (N // 64) + offs_b[None, :]
+    store_tile(acc, out_ptr + offs, partial_ptr + offs, mask, M, N, lock_ptr, pid, pid_k, SPLIT_K, 1, res_ptr + offs,
+               ssq_out_ptr + ssq_offs, mask_m[:, None] & (offs_b < N // 64)[None, :], RES,
+               res_gamma_ptr + offs_n[None, :], hg_out_ptr + offs, RES_GAMMA)
+  else:
+    store_tile(acc, out_ptr + offs, partial_ptr + offs, mask, M, N, lock_ptr, pid, pid_k, SPLIT_K, 1)

@@ -3,9 +3,11 @@ model in bf16, built in memory (nothing to download), in one run.
 
   python -m jw4a16.models.llama_bench [--layers 32] [--out docs/llama_bench.json]
 
-Decode tokens/s at batch 1 and 16, two ways: a step at a time (median time of one jitted decode step that the
-host waits for, cache preallocated and donated) and pipelined (`--steps` greedy steps queued back to back, the
-next token sampled inside the step, as `LlamaModel.generate` runs); prefill tokens/s at 2048 tokens (batch 1).
+Decode tokens/s at batch 1 and 16, three ways: a step at a time (median time of one jitted decode step that the
+host waits for, cache preallocated and donated), pipelined (`--steps` greedy steps, one a call, queued back to
+back, the next token sampled inside the step) and as `LlamaModel.generate` runs (`--steps` rounded up to calls of
+`llama.DECODE_CHUNK` greedy steps, a lax.scan each, queued back to back); prefill tokens/s at 2048 tokens (batch
+1).
 Layers unrolled as `load` builds them (--scan: one scanned layer over stacked weights).
 """
 
@@ -24,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jw4a16 import launch, tuning
-from jw4a16.models.llama import (LlamaConfig, LlamaForCausalLM, QuantSpec, fuse_projections, init_cache,
-                                 repack_projections)
+from jw4a16.models.llama import (DECODE_CHUNK, LlamaConfig, LlamaForCausalLM, QuantSpec, fuse_projections,
+                                 init_cache, repack_projections)
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                         num_kv_heads=8, head_dim=128, rope_theta=500000.0,
@@ -105,9 +107,19 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
   greedy = jax.jit(greedy_fn, donate_argnums=(2,))
+
+  def chunk_fn(p, tok, cache, i):  # as LlamaModel._decode_steps: DECODE_CHUNK greedy steps in one call
+    def body(carry, j):
+      nxt, cache = greedy_fn(p, *carry, i + j)
+      return (nxt, cache), nxt
+
+    (tok, cache), toks = jax.lax.scan(body, (tok, cache), jnp.arange(DECODE_CHUNK, dtype=jnp.int32))
+    return toks, tok, cache
+
+  chunk = jax.jit(chunk_fn, donate_argnums=(2,))
   res = {"weights_GB": sum(a.nbytes for a in jax.tree.leaves(params)) / 1e9}
   for b in batches:
-    cache = init_cache(cfg, b, 256)
+    cache = init_cache(cfg, b, max(256, -(-(2 * steps + 2 + 2 * DECODE_CHUNK) // 128) * 128))
     ids = jnp.ones((b, 1), jnp.int32)
     t0 = time.perf_counter()
     logits, cache = step(params, ids, cache, np.int32(0))
@@ -135,6 +147,17 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
     per_step = (time.perf_counter() - t0) / steps
     res[f"decode_pipelined_ms_b{b}"] = per_step * 1e3
     res[f"decode_pipelined_tokens_per_s_b{b}"] = b / per_step
+    calls = -(-steps // DECODE_CHUNK)
+    with launch.use_launcher(launch.decode_launcher()):
+      toks, tok, cache = chunk(params, tok, cache, np.int32(steps + 1))
+      toks.block_until_ready()
+      t0 = time.perf_counter()
+      for c in range(calls):
+        toks, tok, cache = chunk(params, tok, cache, np.int32(steps + 1 + DECODE_CHUNK * (c + 1)))
+      toks.block_until_ready()
+    per_step = (time.perf_counter() - t0) / (calls * DECODE_CHUNK)
+    res[f"decode_generate_ms_b{b}"] = per_step * 1e3
+    res[f"decode_generate_tokens_per_s_b{b}"] = b / per_step
     del cache
   cache = init_cache(cfg, 1, prefill_len)
   ids = jnp.ones((1, prefill_len), jnp.int32)
@@ -183,7 +206,8 @@ def main(argv=None):
   for name in out:
     if name.startswith("w4a16") and "bf16" in out:
       for label, key in (("a step at a time", "decode_tokens_per_s_b1"),
-                         ("pipelined, as generate runs", "decode_pipelined_tokens_per_s_b1")):
+                         ("pipelined, a step a call", "decode_pipelined_tokens_per_s_b1"),
+                         (f"as generate runs, {DECODE_CHUNK} steps a call", "decode_generate_tokens_per_s_b1")):
         r = out[name][key] / out["bf16"][key]
         print(f"batch-1 decode ({label}): {name} {out[name][key]:.0f} tokens/s, bf16 {out['bf16'][key]:.0f} "
               f"tokens/s ({r:.2f}x)")
