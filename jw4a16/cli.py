@@ -39,7 +39,8 @@ def cmd_generate(a):
 
   key = jax.random.key(a.seed) if a.temperature > 0 else None
   r = m.generate(np.array([ids], np.int32), a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                 top_p=a.top_p, key=key, on_token=on_token)
+                 top_p=a.top_p, key=key, on_token=on_token,
+                 decode_chunk=llama.DECODE_CHUNK if a.decode_chunk is None else a.decode_chunk)
   print()
   print(f"tokens: {r.tokens[0].tolist()}", file=sys.stderr)
   print(f"prefill {r.prefill_tokens_per_s:.1f} tokens/s, decode {r.decode_tokens_per_s:.1f} tokens/s "
@@ -108,6 +109,9 @@ def main(argv=None):
   g.add_argument("--top-k", type=int, default=None)
   g.add_argument("--top-p", type=float, default=None)
   g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--decode-chunk", type=int, default=None,
+                 help="decode steps per call (default: jw4a16.models.llama.DECODE_CHUNK; the text streams a call "
+                      "behind; 1: each token as it comes, slower where the host's launches bound the step)")
   g.add_argument("--quiet", action="store_true")
   g.set_defaults(fn=cmd_generate)
   i = sub.add_parser("inspect", help="quantization config, layers, shapes and bytes of a checkpoint")

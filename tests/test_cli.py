@@ -16,6 +16,17 @@ def test_generate_default(capsys):
   assert "tokens/s" in out.err and "reference path" in out.err
 
 
+def test_generate_decode_chunk(capsys):
+  """--decode-chunk: the same greedy tokens one step a call as in generate's default chunks; 0 is refused."""
+  toks = []
+  for chunk in ("1", "5"):
+    cli.main(["generate", "--max-new-tokens", "7", "--quiet", "--decode-chunk", chunk])
+    toks.append([line for line in capsys.readouterr().err.splitlines() if line.startswith("tokens:")])
+  assert toks[0] == toks[1] and len(toks[0]) == 1
+  with pytest.raises(ValueError, match="decode_chunk=0 must be >= 1"):
+    cli.main(["generate", "--max-new-tokens", "3", "--quiet", "--decode-chunk", "0"])
+
+
 def test_inspect(capsys):
   cli.main(["inspect", str(ASYM)])
   out = capsys.readouterr().out
