@@ -223,9 +223,7 @@ def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelCon
   @jax.custom_batching.custom_vmap
   def f(x2d, qweight, scales, qzeros, extras):
     if x2d.shape[0] == 0:
-      n = scales.shape[1]
-      return _res_out(jnp.zeros((0, n), x2d.dtype), (None, None) + tuple(
-          None if e is None else jnp.zeros((0, n), x2d.dtype) for e in extras[2:]))
+      return _res_out(jnp.zeros((0, scales.shape[1]), x2d.dtype), extras)
     return call(x2d, qweight, scales, qzeros, extras)
 
   @f.def_vmap

@@ -147,15 +147,11 @@ def project(layer, x, norm=None, residual=None, residual_norm_weight=None, *, fo
     if residual is None:
       return layer(x, **kw)
     out = layer(x, residual=residual, residual_norm_weight=residual_norm_weight, **kw)
-    return out if len(out) == 3 else (*out, None)
-  if norm is not None:
-    x = rms_norm_from_ssq(x, *norm)
-  y = layer(x)
-  if residual is None:
-    return y
-  if not fold:
-    return y + residual, None, None
-  out = residual_sum(y, residual, residual_norm_weight)
+  else:
+    y = layer(x if norm is None else rms_norm_from_ssq(x, *norm))
+    if residual is None:
+      return y
+    out = residual_sum(y, residual, residual_norm_weight) if fold else (y + residual, None)
   return out if len(out) == 3 else (*out, None)
 
 
@@ -250,7 +246,7 @@ class MLP(nn.Module):
     if not fold:
       h_in, norm = rms_norm(h, norm[0], norm[1], allow_kernel=cfg.tensor_parallel is None), None
     elif hg is not None:  # the weight is applied: only the rows' scale is left (the kernel's K loop is plain)
-      h_in, norm = hg, (None,) + tuple(norm[1:])
+      h_in, norm = hg, (None, *norm[1:])
     else:
       h_in = h
     if cfg.fuse_gate_up:
@@ -475,6 +471,18 @@ def sample(logits, key, temperature: float, top_k: int | None, top_p: float | No
 DECODE_CHUNK = 16  # decode steps per call of LlamaModel.generate (its decode_chunk)
 
 
+def decode_loop(step, tok, state, index, n: int):
+  """n decode steps in one lax.scan: step(tok [B], state, position) -> (next tok, state), positions index ..
+  index + n - 1.  Returns (tokens [B, n], the last token, state)."""
+
+  def body(carry, j):
+    nxt, st = step(*carry, index + j)
+    return (nxt, st), nxt
+
+  (tok, state), toks = jax.lax.scan(body, (tok, state), jnp.arange(n, dtype=jnp.int32))
+  return toks.T, tok, state
+
+
 @dataclasses.dataclass
 class GenerateResult:
   tokens: np.ndarray  # [B, max_new_tokens]
@@ -508,12 +516,12 @@ class LlamaModel:
     host (2.6 - 3.0 ms to queue a step of ~200 kernels, about what the GPU takes for it; docs/performance.md,
     session 16)."""
 
-    def body(carry, j):
-      nxt, cache, key = self._decode_step(params, *carry[:2], index + j, carry[2], temperature, top_k, top_p)
-      return (nxt, cache, key), nxt
+    def step(tok, state, i):
+      nxt, cache, key = self._decode_step(params, tok, state[0], i, state[1], temperature, top_k, top_p)
+      return nxt, (cache, key)
 
-    (tok, cache, key), toks = jax.lax.scan(body, (tok, cache, key), jnp.arange(n, dtype=jnp.int32))
-    return toks.T, tok, cache, key
+    toks, tok, (cache, key) = decode_loop(step, tok, (cache, key), index, n)
+    return toks, tok, cache, key
 
   def __call__(self, input_ids):
     return self._forward(self.params, jnp.asarray(input_ids, jnp.int32))

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jw4a16 import launch, tuning
-from jw4a16.models.llama import (DECODE_CHUNK, LlamaConfig, LlamaForCausalLM, QuantSpec, fuse_projections,
-                                 init_cache, repack_projections)
+from jw4a16.models.llama import (DECODE_CHUNK, LlamaConfig, LlamaForCausalLM, QuantSpec, decode_loop,
+                                 fuse_projections, init_cache, repack_projections)
 
 LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                         num_kv_heads=8, head_dim=128, rope_theta=500000.0,
@@ -108,15 +108,8 @@ def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=T
 
   greedy = jax.jit(greedy_fn, donate_argnums=(2,))
 
-  def chunk_fn(p, tok, cache, i):  # as LlamaModel._decode_steps: DECODE_CHUNK greedy steps in one call
-    def body(carry, j):
-      nxt, cache = greedy_fn(p, *carry, i + j)
-      return (nxt, cache), nxt
-
-    (tok, cache), toks = jax.lax.scan(body, (tok, cache), jnp.arange(DECODE_CHUNK, dtype=jnp.int32))
-    return toks, tok, cache
-
-  chunk = jax.jit(chunk_fn, donate_argnums=(2,))
+  chunk = jax.jit(lambda p, tok, cache, i: decode_loop(lambda *a: greedy_fn(p, *a), tok, cache, i, DECODE_CHUNK),
+                  donate_argnums=(2,))  # as LlamaModel._decode_steps: DECODE_CHUNK greedy steps in one call
   res = {"weights_GB": sum(a.nbytes for a in jax.tree.leaves(params)) / 1e9}
   for b in batches:
     cache = init_cache(cfg, b, max(256, -(-(2 * steps + 2 + 2 * DECODE_CHUNK) // 128) * 128))
