@@ -197,3 +197,8 @@ def test_op_prescaled_norm_and_residual_gamma(wts):
                                                                                 res.reshape(2, 2, 128))
   assert [o.shape for o in outs] == [(2, 2, 128), (2, 2, 2), (2, 2, 128)]
   np.testing.assert_array_equal(np.asarray(outs[0], np.float32).reshape(4, 128), np.asarray(h, np.float32))
+
+
+def test_rms_norm_from_ssq_without_weight_needs_the_squares():
+  with pytest.raises(ValueError, match="without a weight, the squares"):
+    reference.rms_norm_from_ssq(make_x((2, 64)), None, EPS)
