@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jw4a16 import ops
+from jw4a16.reference import sum_partials
 
 BLOCK_S = 64
 SPLIT_MAX = 32
@@ -104,23 +105,27 @@ def kernel_unavailable_reason(q, k_cache) -> str | None:
 
 
 def check_step_args(qkv, cos, sin, k_cache, v_cache):
-  """(B, H, D, S, KVH) of valid `attention_step` arguments, else a ValueError naming the argument."""
+  """(B, H, D, S, KVH) of valid `attention_step` arguments, else a ValueError naming the argument.  qkv may be
+  float32 split-K slots [P, B, W] (`attention_step`)."""
   if k_cache.ndim != 4:
     raise ValueError(f"k_cache: expected [B, S, KVH, D], got shape {k_cache.shape}")
   b, s, kvh, d = k_cache.shape
   if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
     raise ValueError(f"v_cache: expected {k_cache.dtype} {k_cache.shape} as k_cache, got {v_cache.dtype} "
                      f"{v_cache.shape}")
-  if qkv.ndim != 2 or qkv.shape[0] != b or qkv.shape[1] % d or qkv.shape[1] // d <= 2 * kvh \
-     or (qkv.shape[1] // d - 2 * kvh) % kvh:
-    raise ValueError(f"qkv: expected [B={b}, (H + 2 * {kvh}) * {d}] with H a multiple of {kvh}, got shape "
-                     f"{qkv.shape}")
-  if qkv.dtype != k_cache.dtype:
-    raise ValueError(f"qkv: dtype {qkv.dtype} differs from the caches' {k_cache.dtype}")
+  slots = qkv.ndim == 3 and qkv.dtype == jnp.float32
+  row = qkv[0] if slots else qkv
+  if row.ndim != 2 or row.shape[0] != b or row.shape[1] % d or row.shape[1] // d <= 2 * kvh \
+     or (row.shape[1] // d - 2 * kvh) % kvh:
+    raise ValueError(f"qkv: expected [B={b}, (H + 2 * {kvh}) * {d}] with H a multiple of {kvh} (or float32 slots "
+                     f"[P, B, ...] of it), got {qkv.dtype} {qkv.shape}")
+  if not slots and qkv.dtype != k_cache.dtype:
+    raise ValueError(f"qkv: dtype {qkv.dtype} differs from the caches' {k_cache.dtype} (float32 [P, B, ...] are "
+                     "split-K slots)")
   for name, a in (("cos", cos), ("sin", sin)):
     if a.shape != (d,):
       raise ValueError(f"{name}: expected [D={d}], got shape {a.shape}")
-  return b, qkv.shape[1] // d - 2 * kvh, d, s, kvh
+  return b, row.shape[1] // d - 2 * kvh, d, s, kvh
 
 
 def split_for(b: int, kvh: int, s: int, num_sms: int, block_s: int = BLOCK_S) -> int:
@@ -169,31 +174,36 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
 
 def decode_attention_step(qkv, cos, sin, k_cache, v_cache, lengths, *, split: int | None = None,
                           block_s: int = BLOCK_S, num_warps: int = 4, num_stages: int = 3):
-  """The Triton step kernel: qkv [B, (H + 2 KVH) * D], cos and sin [D], caches [B, S, KVH, D], lengths [B] int32
-  (the new position of sequence b is lengths[b] - 1) -> (out [B, H, D], k_cache, v_cache), the caches updated in
-  place (aliased).  No fallback: callers go through `attention_step`."""
+  """The Triton step kernel: qkv [B, (H + 2 KVH) * D] (or float32 split-K slots [P, B, ...] of it), cos and sin
+  [D], caches [B, S, KVH, D], lengths [B] int32 (the new position of sequence b is lengths[b] - 1) -> (out [B, H,
+  D], k_cache, v_cache), the caches updated in place (aliased).  No fallback: callers go through
+  `attention_step`."""
   b, h, d, s, kvh = check_step_args(qkv, cos, sin, k_cache, v_cache)
   r = h // kvh
   split, block_r, launcher, triton_call = _launch_params(b, r, kvh, s, split, block_s)
   from jw4a16.kernels.decode_attention import decode_attention_step_kernel  # noqa: PLC0415
 
   slots = b * kvh * split if split > 1 else 1
+  parts = qkv.shape[0] if qkv.ndim == 3 else 0
   out, k_cache, v_cache, _, _ = triton_call(
-      qkv, cos.astype(qkv.dtype), sin.astype(qkv.dtype), k_cache, v_cache, lengths.astype(jnp.int32),
+      qkv, cos.astype(k_cache.dtype), sin.astype(k_cache.dtype), k_cache, v_cache, lengths.astype(jnp.int32),
       ops.split_counters(b * kvh, launcher),
       kernel=decode_attention_step_kernel, grid=(b * kvh, split), name="jw4a16_decode_attention_step",
-      out_shape=(jax.ShapeDtypeStruct((b, h, d), qkv.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+      out_shape=(jax.ShapeDtypeStruct((b, h, d), k_cache.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
                  jax.ShapeDtypeStruct((slots, block_r, d), jnp.float32),
                  jax.ShapeDtypeStruct((slots, 2, block_r), jnp.float32)),
       input_output_aliases={3: 1, 4: 2}, num_warps=num_warps, num_stages=num_stages,
-      S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s, SPLIT=split)
+      S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s, SPLIT=split, PARTS=parts,
+      SLOT=b * (h + 2 * kvh) * d if parts else 0)
   return out, k_cache, v_cache
 
 
 def attention_step_reference(qkv, cos, sin, k_cache, v_cache, index):
   """What `attention_step` computes, in jnp: split, rotary, cache writes, `attention_reference`."""
   b, h, d, s, kvh = check_step_args(qkv, cos, sin, k_cache, v_cache)
+  if qkv.ndim == 3:  # split-K slots: their sum, rounded as the kernel rounds it
+    qkv = sum_partials(qkv, k_cache.dtype)
   q, k, v = split_qkv(qkv[:, None], h, kvh, d)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   k_cache, v_cache = write_cache(k_cache, k, index), write_cache(v_cache, v, index)
@@ -202,11 +212,13 @@ def attention_step_reference(qkv, cos, sin, k_cache, v_cache, index):
 
 def attention_step(qkv, cos, sin, k_cache, v_cache, index, *, allow_kernel: bool = True):
   """One decode position of every sequence, from the q/k/v projection's output: qkv [B, (H + 2 KVH) * D] ([q | k |
-  v], rows of position `index`, before the rotary embedding), cos and sin [D] of that position, caches [B, S, KVH,
-  D] -> (out [B, H, D], k_cache, v_cache with the rotated k and the v at `index`).  The step kernel where it can
-  run (`kernel_unavailable_reason`) and allow_kernel, the jnp reference otherwise."""
+  v], rows of position `index`, before the rotary embedding), or float32 [P, B, (H + 2 KVH) * D], that output as
+  split-K slots (`jw4a16.w4a16_matmul(..., partials=True)`: summed here, as the projection would have, see
+  `reference.sum_partials`), cos and sin [D] of that position, caches [B, S, KVH, D] -> (out [B, H, D], k_cache,
+  v_cache with the rotated k and the v at `index`).  The step kernel where it can run
+  (`kernel_unavailable_reason`) and allow_kernel, the jnp reference otherwise."""
   b, h, d, s, kvh = check_step_args(qkv, cos, sin, k_cache, v_cache)
-  if allow_kernel and kernel_unavailable_reason(jax.ShapeDtypeStruct((b, 1, h, d), qkv.dtype), k_cache) is None:
+  if allow_kernel and kernel_unavailable_reason(jax.ShapeDtypeStruct((b, 1, h, d), k_cache.dtype), k_cache) is None:
     lengths = jnp.full((b,), 1, jnp.int32) + jnp.asarray(index, jnp.int32)
     return decode_attention_step(qkv, cos, sin, k_cache, v_cache, lengths)
   return attention_step_reference(qkv, cos, sin, k_cache, v_cache, index)

@@ -68,11 +68,12 @@ class W4A16Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, norm_weight=None, norm_eps: float = 1e-5, norm_ssq=None, residual=None,
-               residual_norm_weight=None):
+               residual_norm_weight=None, partials: bool = False):
     """x [..., K] -> [..., features]; with norm_weight (or norm_ssq), x is a hidden state whose RMSNorm is
     multiplied, and with a residual, returns (y + residual, its sums of squares per 64 columns[, times
     residual_norm_weight]), as `jw4a16.w4a16_matmul`: folded into the kernel where it can be (no tensor
-    parallelism, no bias with a residual), in jnp around it otherwise."""
+    parallelism, no bias with a residual), in jnp around it otherwise.  partials: float32 split-K slots [S, ...,
+    features] instead (w4a16_matmul's; S = 1 under tensor parallelism or with a bias)."""
     k = x.shape[-1]
     g = check_layer(k, self.features, self.group_size, self.packing)
     n = self.features
@@ -97,4 +98,4 @@ class W4A16Dense(nn.Module):
       bias = self.param("bias", part(nn.initializers.zeros_init(), (self.kernel_axes[1],)), (n,), self.param_dtype)
     return layer_forward(x.astype(dtype), w, cast(bias), self.parallel, self.parallel_axis, backend=self.backend,
                          norm_weight=cast(norm_weight), norm_eps=norm_eps, norm_ssq=norm_ssq, residual=cast(residual),
-                         residual_norm_weight=cast(residual_norm_weight))
+                         residual_norm_weight=cast(residual_norm_weight), partials=partials)

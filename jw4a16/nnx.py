@@ -61,8 +61,9 @@ class W4A16Linear(nnx.Module):
     return self
 
   def __call__(self, x, *, norm_weight=None, norm_eps: float = 1e-5, norm_ssq=None, residual=None,
-               residual_norm_weight=None):
-    """As W4A16Dense's: x [..., K] -> [..., N], or with a residual (h, ssq[, hg])."""
+               residual_norm_weight=None, partials: bool = False):
+    """As W4A16Dense's: x [..., K] -> [..., N], or with a residual (h, ssq[, hg]), or with partials float32
+    split-K slots [S, ..., N]."""
     dtype = jnp.dtype(self.dtype or self.param_dtype)
     w = QuantizedWeight(self.qweight.get_value(), self.scales.get_value().astype(dtype),
                         None if self.qzeros is None else self.qzeros.get_value(),
@@ -72,5 +73,5 @@ class W4A16Linear(nnx.Module):
     bias = None if self.bias is None else self.bias.get_value()
     return layer_forward(x.astype(dtype), w, cast(bias), self.parallel, self.parallel_axis, backend=self.backend,
                          norm_weight=cast(norm_weight), norm_eps=norm_eps, norm_ssq=norm_ssq, residual=cast(residual),
-                         residual_norm_weight=cast(residual_norm_weight))
+                         residual_norm_weight=cast(residual_norm_weight), partials=partials)
 

@@ -134,15 +134,19 @@ def _norm_in(x2d, extras, eps):
   return x2d if gamma is None and ssq is None else rms_norm_from_ssq(x2d, gamma, eps, ssq)
 
 
-def _res_out(y, extras):
-  """y, or with a residual, residual_sum's (the jnp form of the kernel's RES, RES_GAMMA)."""
+def _res_out(y, extras, partials: bool = False):
+  """y, or with a residual, residual_sum's (the jnp form of the kernel's RES, RES_GAMMA); with partials, y as the
+  one float32 slot [1, M, N] (w4a16_matmul's partials)."""
+  if partials:
+    return y.astype(jnp.float32)[None]
   return y if extras[2] is None else residual_sum(y, *extras[2:])
 
 
 def _launch(x2d, qweight, scales, qzeros, extras=NO_EXTRAS, *, group_size, zp_bias, config,
-            packing="gptq", launcher="legacy", eps=0.0):
+            packing="gptq", launcher="legacy", eps=0.0, partials=False):
   """One triton_call on [M, K] activations (M > 0); returns [M, N] in x's dtype (with a residual in extras,
-  also its sums of squares [M, N // 64]).
+  also its sums of squares [M, N // 64]; with partials, float32 slots [S, M, N] that sum to the product:
+  w4a16_matmul's partials).
 
   Without a forced config, large M on targets where it measured faster takes the dequantize-then-GEMM route
   instead (dequant_gemm): the weight is dequantized in one pass and cuBLAS/hipBLASLt multiplies.
@@ -156,7 +160,7 @@ def _launch(x2d, qweight, scales, qzeros, extras=NO_EXTRAS, *, group_size, zp_bi
   if config is None and tuning.use_dequant_gemm(m, target, checks.resolve_group_size(group_size, k), packing):
     y = dequant_gemm(_norm_in(x2d, extras, eps), qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias,
                      packing=packing, launcher=launcher)
-    return _res_out(y, extras)
+    return _res_out(y, extras, partials)
 
   from jw4a16.kernels import KERNELS, w4a16_frag_norm_kernel  # noqa: PLC0415
 
@@ -164,15 +168,18 @@ def _launch(x2d, qweight, scales, qzeros, extras=NO_EXTRAS, *, group_size, zp_bi
   if config is not None:
     tuning.check_config(config, k, group_size)
   cfg = config or tuning.select_config(m, k, n, group_size, dtype, qzeros is not None, target, packing)
-  fused = any(e is not None for e in extras)
+  fused = partials or any(e is not None for e in extras)
   if fused and cfg.kernel != "frag":
     y = _launch(_norm_in(x2d, extras, eps), qweight, scales, qzeros, group_size=group_size, zp_bias=zp_bias,
                 config=cfg, packing=packing, launcher=launcher)
-    return _res_out(y, extras)
+    return _res_out(y, extras, partials)
   extra = {"PTX": int(target.warp_size == 32)} if cfg.kernel == "frag" else {}  # NVIDIA: inline-PTX unpacking
-  partials, locks = cfg.scratch_shapes(m, n)
+  slots, locks = cfg.scratch_shapes(m, n)
+  if partials:  # every split's product is an output; no ticket, no sum, no [M, N] result in the kernel
+    slots, locks = (cfg.split_k, m, n), (1,)
   args = (x2d, qweight, scales, scales if qzeros is None else qzeros, m, split_counters(locks[0], launcher))
-  out_shape = (jax.ShapeDtypeStruct((m, n), x2d.dtype), jax.ShapeDtypeStruct(partials, jnp.float32))
+  out_shape = (jax.ShapeDtypeStruct((1,) if partials else (m, n), x2d.dtype),
+               jax.ShapeDtypeStruct(slots, jnp.float32))
   kernel = KERNELS[cfg.kernel]
   if fused:  # the frag kernel with the norm and/or the residual folded in
     gamma, ssq, res, res_gamma = extras
@@ -183,12 +190,14 @@ def _launch(x2d, qweight, scales, qzeros, extras=NO_EXTRAS, *, group_size, zp_bi
                   jax.ShapeDtypeStruct((m, n) if res_gamma is not None else (1,), x2d.dtype))
     kernel = w4a16_frag_norm_kernel
     extra.update(NORM=1 if gamma is not None else (2 if ssq is not None else 0), RES=int(res is not None),
-                 RES_GAMMA=int(res_gamma is not None), EPS=float(eps))
+                 RES_GAMMA=int(res_gamma is not None), EPS=float(eps), PARTIALS=int(partials))
   # jax-triton's custom call, or ("ffi") the same kernel as jaxlib's FFI Triton call (launch.py)
-  out, _, *rest = launch.triton_call_for(launcher)(
+  out, slots, *rest = launch.triton_call_for(launcher)(
       *args, kernel=kernel, grid=cfg.grid(m, n), name=f"jw4a16_w4a16_{cfg.kernel}" + ("_norm" if fused else ""),
       out_shape=out_shape, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
       N=n, K=k, GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=zp_bias, **cfg.meta(), **extra)
+  if partials:
+    return slots
   if extras[2] is None:
     return out
   return (out, rest[0]) if extras[3] is None else (out, rest[0], rest[1])
@@ -210,20 +219,20 @@ def _inference_only(fn):
 
 @functools.lru_cache(maxsize=None)
 def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelConfig | None, packing: str,
-                         launcher: str = "legacy", eps: float = 0.0):
+                         launcher: str = "legacy", eps: float = 0.0, partials: bool = False):
   """custom_vmap'ed [M, K] x [K, N] kernel call: a vmap over x (and the x-shaped extras: norm ssq, residual)
   folds the batch into M (one launch); a vmap over the weights (stacked layers) or the norm weight runs one launch
   per batch member with lax.map.  The launcher is part of the key: jax caches the traced call per function and
-  shapes, so one function per launcher."""
+  shapes, so one function per launcher.  partials: the output is float32 slots [S, M, N] (w4a16_matmul's)."""
 
   def call(x2d, qweight, scales, qzeros, extras):
     return _launch(x2d, qweight, scales, qzeros, extras, group_size=group_size, zp_bias=zp_bias, config=config,
-                   packing=packing, launcher=launcher, eps=eps)
+                   packing=packing, launcher=launcher, eps=eps, partials=partials)
 
   @jax.custom_batching.custom_vmap
   def f(x2d, qweight, scales, qzeros, extras):
     if x2d.shape[0] == 0:
-      return _res_out(jnp.zeros((0, scales.shape[1]), x2d.dtype), extras)
+      return _res_out(jnp.zeros((0, scales.shape[1]), x2d.dtype), extras, partials)
     return call(x2d, qweight, scales, qzeros, extras)
 
   @f.def_vmap
@@ -242,6 +251,8 @@ def _batched_kernel_call(group_size: int, zp_bias: int, config: tuning.KernelCon
       b, m, k = x2d.shape
       fold = lambda a: None if a is None else a.reshape(b * m, a.shape[-1])  # noqa: E731
       out = f(fold(x2d), qweight, scales, qzeros, (extras[0], fold(ssq), fold(res), extras[3]))
+      if partials:  # [S, b m, N] -> [b, S, m, N]
+        return jnp.moveaxis(out.reshape(out.shape[0], b, m, out.shape[-1]), 1, 0), out_batched
       unfold = lambda a: a.reshape(b, m, a.shape[-1])  # noqa: E731
       return jax.tree_util.tree_map(unfold, out), out_batched
 
@@ -264,7 +275,7 @@ def _reference_call(group_size: int, zp_bias: int, packing: str):
 def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: int = 8, g_idx=None, perm=None,
                  packing: str = "gptq", backend: str | None = None, config: tuning.KernelConfig | None = None,
                  norm_weight=None, norm_eps: float = 1e-5, norm_ssq=None, residual=None,
-                 residual_norm_weight=None):
+                 residual_norm_weight=None, partials: bool = False):
   """x [..., K] @ W [K, N] -> [..., N] in x's dtype, W = (q - z) * s dequantized on the fly.
 
   Args:
@@ -300,6 +311,12 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
     residual_norm_weight: [N] in x's dtype, with residual: returns (h, ssq, h * residual_norm_weight), the last
       being the next matmul's x with norm_ssq=ssq and no norm_weight: the norm then costs that matmul's K loop
       nothing (the kernel's NORM = 2).
+    partials: returns float32 [S, ..., N] instead of the product: slots that, added in slot order and rounded
+      to x's dtype (`jw4a16.reference.sum_partials`), give the output.  The frag kernel then writes each split-K
+      program's fp32 product to its slot and skips its epilogue's wait for the other splits (a consumer that
+      reads the output once, as the decode attention kernel reads q/k/v, sums them itself; on H100 that took
+      1.2 - 1.9 us off an M = 1 launch, docs/performance.md, session 17).  Elsewhere S = 1: the output as
+      float32.  Not with residual.
 
   Inference only: jax.grad through it raises.  Works under jax.jit and jax.vmap (a vmap over x folds into M).
   """
@@ -308,6 +325,9 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
     raise ValueError(f"config.kernel={config.kernel!r} does not read packing={packing!r} weights: kernel 'frag' "
                      "reads packing='fragment', the others packing='gptq'")
   _check_fused_args(x, k, n, norm_weight, norm_ssq, residual, residual_norm_weight)
+  if partials and residual is not None:
+    raise ValueError("partials=True with a residual: the residual is added to the summed product; sum the partials "
+                     "(reference.sum_partials) and add it, or take the output")
   extras = (norm_weight, norm_ssq, residual, residual_norm_weight)
   path = resolve_backend(backend)
   valid = None  # traced g_idx: its check runs on the device
@@ -323,7 +343,8 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
 
   if path == "reference":
     xn = _norm_in(x, extras, norm_eps)
-    out = _res_out(_reference_call(g, zp_bias, packing)(xn, qweight, scales, qzeros, g_idx, perm), extras)
+    out = _res_out(_reference_call(g, zp_bias, packing)(xn, qweight, scales, qzeros, g_idx, perm), extras,
+                   partials)
   else:
     if g_idx is not None:  # act-order rows in checkpoint order: sort them by group for this call
       qweight, perm = jnp.take(qweight, sort, axis=0), sort
@@ -333,9 +354,13 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
         extras = (jnp.take(norm_weight, jnp.asarray(perm, jnp.int32)),) + extras[1:]
     lead = x.shape[:-1]
     flat = lambda a: None if a is None else a.reshape(math.prod(lead), a.shape[-1])  # noqa: E731
-    out = _batched_kernel_call(g, zp_bias, config, packing, launch.resolve_launcher(), float(norm_eps))(
+    out = _batched_kernel_call(g, zp_bias, config, packing, launch.resolve_launcher(), float(norm_eps),
+                               bool(partials))(
         flat(x), qweight, scales, qzeros, (extras[0], flat(extras[1]), flat(extras[2]), extras[3]))
-    out = jax.tree_util.tree_map(lambda a: a.reshape(*lead, a.shape[-1]), out)
+    if partials:
+      out = out.reshape(out.shape[0], *lead, n)
+    else:
+      out = jax.tree_util.tree_map(lambda a: a.reshape(*lead, a.shape[-1]), out)
   if valid is not None:
     nan = lambda a: jnp.where(valid, a, jnp.nan).astype(a.dtype)  # noqa: E731
     out = (nan(out[0]),) + tuple(out[1:]) if residual is not None else nan(out)

@@ -100,3 +100,15 @@ def residual_sum(y, residual, norm_weight=None):
   w4a16_matmul(..., residual=, residual_norm_weight=) returns, in jnp."""
   h = y + residual
   return (h, sum_squares(h)) if norm_weight is None else (h, sum_squares(h), h * norm_weight)
+
+
+def sum_partials(partials, dtype):
+  """w4a16_matmul(..., partials=True)'s slots [S, ..., N] float32 -> the product [..., N] in dtype: the slots added
+  in slot order and rounded once (to nearest even), as the frag kernel's split-K epilogue sums and rounds them
+  (kernels/splitk.py), so a consumer that sums them itself gets the op's output."""
+  if partials.ndim < 2 or partials.dtype != jnp.float32:
+    raise ValueError(f"partials: expected float32 [S, ..., N] slots, got {partials.dtype} {partials.shape}")
+  total = partials[0]
+  for i in range(1, partials.shape[0]):
+    total = total + partials[i]
+  return total.astype(dtype)

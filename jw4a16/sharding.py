@@ -100,15 +100,23 @@ def layer_matmul(x, w: QuantizedWeight, parallel: str | None, axis: str, *, back
 
 
 def layer_forward(x, w: QuantizedWeight, bias, parallel: str | None, axis: str, *, backend=None, norm_weight=None,
-                  norm_eps: float = 1e-5, norm_ssq=None, residual=None, residual_norm_weight=None):
+                  norm_eps: float = 1e-5, norm_ssq=None, residual=None, residual_norm_weight=None,
+                  partials: bool = False):
   """W4A16Dense's and W4A16Linear's forward: x @ W (+ bias), with w4a16_matmul's norm and residual arguments
   folded into the op where it can take them (no tensor parallelism; no bias with a residual: the residual comes
   after the bias) and applied in jnp around it otherwise (the norm before the sharded op, the residual after its
-  psum).  x, bias and the fused arrays are in the computation dtype (w.scales')."""
+  psum).  x, bias and the fused arrays are in the computation dtype (w.scales').  partials: the op's float32
+  split-K slots [S, ..., N] (w4a16_matmul's), or under tensor parallelism or with a bias the output as one slot."""
   n = w.shape[1]
   if residual is not None and n % 64:
     raise ValueError(f"residual: needs features % 64 == 0 (its sums of squares are over 64 columns), got {n}")
-  fused = {}
+  if partials and residual is not None:
+    raise ValueError("partials=True with a residual: the residual is added to the summed product")
+  if partials and (parallel is not None or bias is not None):
+    y = layer_forward(x, w, bias, parallel, axis, backend=backend, norm_weight=norm_weight, norm_eps=norm_eps,
+                      norm_ssq=norm_ssq)
+    return y.astype(jnp.float32)[None]
+  fused = {"partials": True} if partials else {}
   if norm_weight is not None or norm_ssq is not None:
     fused.update(norm_weight=norm_weight, norm_eps=norm_eps, norm_ssq=norm_ssq)
   if residual is not None:

@@ -123,19 +123,20 @@ def run_attention_kernel(q, k_cache, v_cache, lengths, *, split: int, block_s: i
 
 
 def run_attention_step_kernel(qkv, cos, sin, k_cache, v_cache, lengths, *, split: int, block_s: int = 64):
-  """Mirrors jw4a16.attention.decode_attention_step: qkv [B, (H + 2 KVH) * D], cos and sin [D], caches [B, S, KVH,
-  D] (bf16 or fp16 numpy), lengths [B] -> (float32 numpy out [B, H, D], k_cache, v_cache as numpy of the cache
-  dtype).  The caches are passed as both input and output, as the aliased GPU call does.  Checks that the counters
-  are left at zero."""
+  """Mirrors jw4a16.attention.decode_attention_step: qkv [B, (H + 2 KVH) * D] (or float32 split-K slots [P, B,
+  ...] of it), cos and sin [D], caches [B, S, KVH, D] (bf16 or fp16 numpy), lengths [B] -> (float32 numpy out [B,
+  H, D], k_cache, v_cache as numpy of the cache dtype).  The caches are passed as both input and output, as the
+  aliased GPU call does.  Checks that the counters are left at zero."""
   from jw4a16.kernels.decode_attention import block_rows, decode_attention_step_kernel  # noqa: PLC0415
 
   patch_interpreter()
   qkv, cos, sin, k_cache, v_cache = (np.asarray(a) for a in (qkv, cos, sin, k_cache, v_cache))
   b, s, kvh, d = k_cache.shape
-  h = qkv.shape[1] // d - 2 * kvh
+  parts = qkv.shape[0] if qkv.ndim == 3 else 0
+  h = qkv.shape[-1] // d - 2 * kvh
   r = h // kvh
   block_r = block_rows(r)
-  dtype = torch.bfloat16 if qkv.dtype == ml_dtypes.bfloat16 else torch.float16
+  dtype = torch.bfloat16 if k_cache.dtype == ml_dtypes.bfloat16 else torch.float16
   out = torch.full((b, h, d), float("nan"), dtype=dtype)
   slots = b * kvh * split if split > 1 else 1
   part_acc = torch.full((slots, block_r, d), float("nan"))
@@ -145,7 +146,7 @@ def run_attention_step_kernel(qkv, cos, sin, k_cache, v_cache, lengths, *, split
   decode_attention_step_kernel[(b * kvh, split)](
       _torch(qkv), _torch(cos), _torch(sin), kc, vc, torch.from_numpy(np.asarray(lengths, np.int32)), locks, out,
       kc, vc, part_acc, part_ml, S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s,
-      SPLIT=split, num_warps=4, num_stages=3)
+      SPLIT=split, PARTS=parts, SLOT=b * (h + 2 * kvh) * d if parts else 0, num_warps=4, num_stages=3)
   assert (locks == 0).all(), locks
 
   return out.float().numpy(), _numpy(kc), _numpy(vc)

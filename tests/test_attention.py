@@ -7,7 +7,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from jw4a16 import attention
+from jw4a16 import attention, reference
 from tests.interpret import run_attention_kernel, run_attention_step_kernel
 
 
@@ -121,6 +121,30 @@ def test_step_kernel_matches_numpy(case):
     np.testing.assert_allclose(got, np.stack(outs), rtol=0, atol=1e-6)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("parts,split", [(1, 1), (3, 2), (8, 1)])
+def test_step_kernel_sums_split_k_slots(parts, split):
+  """qkv as float32 split-K slots (w4a16_matmul(..., partials=True)): the kernel's out and caches are bit for bit
+  those of the launch on their sum (reference.sum_partials), and the jnp path sums them too."""
+  b, s, kvh, r, d, n = 2, 256, 2, 4, 16, 150
+  h = kvh * r
+  slots = _rand((parts, b, (h + 2 * kvh) * d), np.float32, 12)
+  qkv = np.asarray(reference.sum_partials(jnp.asarray(slots), jnp.bfloat16))
+  k, v = _rand((b, s, kvh, d), ml_dtypes.bfloat16, 13), _rand((b, s, kvh, d), ml_dtypes.bfloat16, 14)
+  ang = (n - 1) / 10000.0 ** (np.arange(0, d, 2) / d)
+  cos, sin = (np.concatenate([f(ang), f(ang)]).astype(ml_dtypes.bfloat16) for f in (np.cos, np.sin))
+  want = run_attention_step_kernel(qkv, cos, sin, k.copy(), v.copy(), [n, n], split=split)
+  got = run_attention_step_kernel(slots, cos, sin, k.copy(), v.copy(), [n, n], split=split)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  ref = attention.attention_step_reference(jnp.asarray(slots), jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(k),
+                                           jnp.asarray(v), n - 1)
+  ref_sum = attention.attention_step_reference(jnp.asarray(qkv), jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(k),
+                                               jnp.asarray(v), n - 1)
+  for g, w in zip(ref, ref_sum):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
 def test_step_reference_matches_model_path():
   """attention_step's jnp path = the prefill path's pieces (split, rope, cache write, attention) at T = 1."""
   b, s, kvh, r, d, index = 2, 16, 2, 3, 8, 5
@@ -148,6 +172,8 @@ def test_bad_step_arguments():
     attention.attention_step(jnp.zeros((2, 12 * 16), jnp.bfloat16), cs, cs, c, c, 0)
   with pytest.raises(ValueError, match="qkv: dtype float16 differs"):
     attention.attention_step(qkv.astype(jnp.float16), cs, cs, c, c, 0)
+  with pytest.raises(ValueError, match=r"or float32 slots \[P, B, \.\.\.\]"):
+    attention.attention_step(jnp.zeros((2, 1, 11 * 16), jnp.float32), cs, cs, c, c, 0)
   with pytest.raises(ValueError, match=r"sin: expected \[D=16\]"):
     attention.attention_step(qkv, cs, cs[:8], c, c, 0)
   with pytest.raises(ValueError, match="v_cache: expected"):

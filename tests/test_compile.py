@@ -102,12 +102,13 @@ def test_compiles_within_limits(target, i):
 
 # The frag kernel with a layer's norm (NORM) or residual (RES, RES_GAMMA) folded in (w4a16_frag_norm_kernel), at
 # the dispatcher's picks for the Llama-3-8B projections that take them in the model: q/k/v the norm, o the
-# residual and the next norm's weight, gate/up the row scale (NORM = 2), down the residual; M = 1 and 16.
+# residual and the next norm's weight, gate/up the row scale (NORM = 2), down the residual; M = 1 and 16.  q/k/v
+# and gate/up also with PARTIALS (the split-K slots, w4a16_matmul's partials: how a decode step runs them).
+NORM_CASES_8B = ((4096, 6144, 1, 0, 0, 0), (4096, 28672, 2, 0, 0, 0), (14336, 4096, 0, 1, 0, 0),
+                 (4096, 4096, 0, 1, 1, 0), (4096, 4096, 1, 1, 0, 0), (4096, 28672, 1, 0, 0, 0),
+                 (4096, 6144, 1, 0, 0, 1), (4096, 28672, 2, 0, 0, 1), (4096, 4096, 0, 0, 0, 1))
 NORM_JOBS = {t: [(tuning.select_config(m, k, n, 128, "bfloat16", False, HEURISTIC_TARGET[t], "fragment"), k, n, m,
-                  norm, res, rg) for k, n, norm, res, rg in ((4096, 6144, 1, 0, 0), (4096, 28672, 2, 0, 0),
-                                                             (14336, 4096, 0, 1, 0), (4096, 4096, 0, 1, 1),
-                                                             (4096, 4096, 1, 1, 0), (4096, 28672, 1, 0, 0))
-                  for m in (1, 16)]
+                  norm, res, rg, pt) for k, n, norm, res, rg, pt in NORM_CASES_8B for m in (1, 16)]
              for t in TARGETS}
 
 
@@ -115,7 +116,7 @@ NORM_JOBS = {t: [(tuning.select_config(m, k, n, 128, "bfloat16", False, HEURISTI
 def norm_reports(target):
   jobs = [dict(meta=c.meta(), n=n, k=k, group_size=128, dtype="bfloat16", has_zp=False, num_warps=c.num_warps,
                num_stages=c.num_stages, amd_options=c.amd_options(), kernel="frag", m_is_one=m == 1, norm=nm,
-               res=bool(rs), res_gamma=bool(rg)) for c, k, n, m, nm, rs, rg in NORM_JOBS[target]]
+               res=bool(rs), res_gamma=bool(rg), partials=bool(pt)) for c, k, n, m, nm, rs, rg, pt in NORM_JOBS[target]]
   return compile_in_subprocess(target, jobs)
 
 
@@ -141,7 +142,10 @@ def test_fused_norm_kernel_compiles(target, i):
 ATTENTION_JOBS = [dict(kernel="decode_attention", dtype=dt, s=s, kvh=kvh, r=r, d=d, split=split, step=step)
                   for step in (False, True)
                   for dt, s, kvh, r, d, split in (("bfloat16", 2048, 8, 4, 128, 16), ("float16", 4096, 8, 4, 128, 1),
-                                                  ("bfloat16", 512, 4, 8, 64, 4), ("bfloat16", 256, 32, 1, 128, 2))]
+                                                  ("bfloat16", 512, 4, 8, 64, 4), ("bfloat16", 256, 32, 1, 128, 2))] + \
+                 [dict(kernel="decode_attention", dtype=dt, s=s, kvh=8, r=4, d=128, split=split, step=True,
+                       parts=parts, batch=b)  # q/k/v as split-K slots (PARTS), as a decode step passes them
+                  for dt, s, split, parts, b in (("bfloat16", 256, 1, 8, 1), ("float16", 2048, 8, 2, 16))]
 
 
 @functools.cache

@@ -522,3 +522,70 @@ def test_prescaled_norm_chain_on_gpu(m, dtype):
   np.testing.assert_allclose(np.asarray(ssq), np.asarray(reference.sum_squares(h)), rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(hg, np.float32), np.asarray(h * gamma, np.float32))
   assert_close(out, np.asarray(reference.rms_norm_from_ssq(h, gamma, EPS), np.float64) @ wg, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("kn,norm", [((4096, 6144), 1), ((4096, 28672), 2), ((4096, 4096), 0), ((14336, 4096), 0)])
+@pytest.mark.parametrize("dtype,symmetric", [("bfloat16", True), ("float16", False)])
+def test_partials_on_gpu(m, kn, norm, dtype, symmetric):
+  """w4a16_matmul(..., partials=True) on the frag kernel (PARTIALS) at the decode picks of the Llama-3-8B
+  projections: one slot per split of the pick, and their sum in slot order (reference.sum_partials) is bit for bit
+  the plain launch's output (the split-K epilogue's sum), with the norm in the K loop (1) or as the row scale (2)."""
+  from jw4a16 import reference  # noqa: PLC0415
+  from tests.test_fused_norm import EPS, _inputs  # noqa: PLC0415
+
+  k, n = kn
+  qw, s, qz, _, _ = make_weights(k, n, 128, dtype=dtype, symmetric=symmetric)
+  fq = jw4a16.layout.to_fragment_packed(qw)
+  h, gamma, _ = _inputs(m, k, n, dtype)
+  kw = dict(group_size=128, packing="fragment", norm_eps=EPS, norm_weight=gamma if norm == 1 else None,
+            norm_ssq=reference.sum_squares(h) if norm else None)
+  f = jax.jit(lambda h, p: jw4a16.w4a16_matmul(h, fq, s, qz, partials=p, **kw), static_argnums=1)
+  slots, out = f(h, True), f(h, False)
+  cfg = tuning.select_config(m, k, n, 128, dtype, not symmetric, jw4a16.ops.current_target(), "fragment")
+  assert slots.shape == (cfg.split_k, m, n) and slots.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(reference.sum_partials(slots, jnp.dtype(dtype)), np.float32),
+                                np.asarray(out, np.float32))
+
+
+@pytest.mark.parametrize("b,s,parts,split", [(1, 256, 8, 1), (1, 2048, 4, 8), (16, 512, 2, 2)])
+def test_attention_step_sums_slots_on_gpu(b, s, parts, split):
+  """The step kernel on q/k/v as float32 split-K slots: out and caches bit for bit those of the launch on their sum,
+  at Llama-3-8B heads."""
+  from jw4a16 import attention, reference  # noqa: PLC0415
+
+  kvh, h, d, index = 8, 32, 128, s // 2 + 3
+  keys = jax.random.split(jax.random.key(b + s), 3)
+  slots = jax.random.normal(keys[0], (parts, b, (h + 2 * kvh) * d), jnp.float32)
+  k, v = (jax.random.normal(kk, (b, s, kvh, d), jnp.bfloat16) for kk in keys[1:])
+  ang = index / 500000.0 ** (np.arange(0, d, 2) / d)
+  cos, sin = (jnp.asarray(np.concatenate([f(ang), f(ang)]), jnp.bfloat16) for f in (np.cos, np.sin))
+  lengths = jnp.full((b,), index + 1, jnp.int32)
+  step = jax.jit(lambda q, k, v: attention.decode_attention_step(q, cos, sin, k, v, lengths, split=split))
+  got = step(slots, k, v)
+  want = step(reference.sum_partials(slots, jnp.bfloat16), k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def test_llama_decode_with_slots_matches_epilogue_sums(monkeypatch):
+  """The model's decode step hands q/k/v and gate/up over as split-K slots (llama.takes_slots) on the fragment
+  packing: logits and greedy tokens bit for bit those of the same model with every projection's output summed in
+  its own epilogue."""
+  from jw4a16.models import llama  # noqa: PLC0415
+
+  ids = np.array([[5, 17, 3, 99, 42, 7]], np.int32)
+  m = llama.load("tests/fixtures/llama-w4a16-asym", progress=False, packing="fragment")
+  assert llama.folds_norms(m.cfg) and m.cfg.fuse_qkv and m.cfg.fuse_gate_up
+
+  def decode(model):
+    step = jax.jit(lambda p, ids, c, i: model.module.apply({"params": p}, ids, c, i))
+    _, cache = step(model.params, ids, llama.init_cache(model.cfg, 1, 128), np.int32(0))
+    return np.asarray(step(model.params, ids[:, :1], cache, np.int32(ids.shape[1]))[0]), model.generate(ids, 12).tokens
+
+  logits, tokens = decode(m)
+  monkeypatch.setattr(llama, "takes_slots", lambda layer, fold, t: False)
+  m2 = llama.load("tests/fixtures/llama-w4a16-asym", progress=False, packing="fragment")
+  logits2, tokens2 = decode(m2)
+  np.testing.assert_array_equal(logits, logits2)
+  np.testing.assert_array_equal(tokens, tokens2)

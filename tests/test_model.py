@@ -229,3 +229,35 @@ def test_prescaled_norm_wiring_matches(monkeypatch):
   got = np.asarray(pre(ids))
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
   assert not np.array_equal(got, want)  # the prescaled route did run
+
+
+def test_decode_hands_split_k_slots_to_the_next_op(monkeypatch):
+  """A decode step's q/k/v and gate/up reach the attention and the SwiGLU multiply as split-K slots
+  (llama.takes_slots; one slot on this reference path), with the same logits as the same step summed by each
+  projection; a dense layer or a prefill never gets them, and project refuses slots where it cannot give them."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  from jw4a16.linen import W4A16Dense  # noqa: PLC0415
+
+  dense, int4 = nn.Dense(8), W4A16Dense(8, group_size=32)
+  assert llama.takes_slots(int4, True, 1)
+  assert not llama.takes_slots(int4, True, 7) and not llama.takes_slots(int4, False, 1)
+  assert not llama.takes_slots(dense, True, 1)
+  with pytest.raises(ValueError, match="only a W4A16Dense that folds"):
+    llama.project(dense, np.ones((1, 1, 4), np.float32), fold=True, partials=True)
+
+  m = llama.load("tests/fixtures/llama-w4a16-asym", progress=False)
+  ids = np.array([[5, 17, 3, 99, 42, 7]], np.int32)
+  calls = []
+  orig = llama.sum_partials
+  monkeypatch.setattr(llama, "sum_partials", lambda p, dt: calls.append(p.shape) or orig(p, dt))
+
+  def step(model):
+    f = jax.jit(lambda p, ids, c, i: model.module.apply({"params": p}, ids, c, i))
+    _, cache = f(model.params, ids, llama.init_cache(model.cfg, 1, 128), np.int32(0))
+    return np.asarray(f(model.params, ids[:, :1], cache, np.int32(ids.shape[1]))[0])
+
+  got = step(m)
+  assert calls and all(s[0] == 1 and s[-1] == 2 * m.cfg.intermediate_size for s in calls), calls
+  monkeypatch.setattr(llama, "takes_slots", lambda layer, fold, t: False)
+  np.testing.assert_array_equal(got, step(llama.load("tests/fixtures/llama-w4a16-asym", progress=False)))

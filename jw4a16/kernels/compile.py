@@ -43,12 +43,13 @@ class CompileReport:
 def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
                    has_zp: bool = False, zp_bias: int = 8, num_warps: int = 4, num_stages: int = 3,
                    amd_options: dict | None = None, kernel: str = "tile", m_is_one: bool = False,
-                   norm: int = 0, res: bool = False, res_gamma: bool = False):
+                   norm: int = 0, res: bool = False, res_gamma: bool = False, partials: bool = False):
   """Compiles KERNELS[kernel] for `target` (a key of TARGETS) with the constexprs jax-triton would pass.
 
   m_is_one: M is the constexpr 1, as jax-triton makes an integer argument equal to 1.
   norm (0, 1, 2), res, res_gamma (kernel "frag"): w4a16_frag_norm_kernel with NORM / RES / RES_GAMMA, as
-  ops._launch passes a norm weight (1) or only its squares (2), a residual, a residual norm weight.
+  ops._launch passes a norm weight (1) or only its squares (2), a residual, a residual norm weight; partials: its
+  PARTIALS (w4a16_matmul's partials=True: the split-K slots, no epilogue sum).
   """
   tt = _TT[dtype]
   sig = {"x_ptr": f"*{tt}", "qweight_ptr": "*i32", "scales_ptr": f"*{tt}", "qzeros_ptr": "*i32", "M": "i32",
@@ -57,7 +58,7 @@ def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, 
   fn = KERNELS[kernel]
   if kernel == "frag":  # NVIDIA: the unpacking's inline-PTX LOP3, as ops._launch passes it
     constexprs.setdefault("PTX", int(TARGETS[target].backend == "cuda"))
-  if norm or res or res_gamma:
+  if norm or res or res_gamma or partials:
     from jw4a16.kernels.w4a16_frag import w4a16_frag_norm_kernel  # noqa: PLC0415
 
     if kernel != "frag":
@@ -65,7 +66,7 @@ def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, 
     sig = {name: sig[name] for name in ("x_ptr", "qweight_ptr", "scales_ptr", "qzeros_ptr", "M", "lock_ptr")}
     sig |= {"gamma_ptr": f"*{tt}", "ssq_in_ptr": "*fp32", "res_ptr": f"*{tt}", "res_gamma_ptr": f"*{tt}",
             "out_ptr": f"*{tt}", "partial_ptr": "*fp32", "ssq_out_ptr": "*fp32", "hg_out_ptr": f"*{tt}"}
-    constexprs |= dict(NORM=int(norm), RES=int(res), RES_GAMMA=int(res_gamma), EPS=1e-5)
+    constexprs |= dict(NORM=int(norm), RES=int(res), RES_GAMMA=int(res_gamma), EPS=1e-5, PARTIALS=int(partials))
     fn = w4a16_frag_norm_kernel
   if m_is_one:
     constexprs["M"] = 1
@@ -80,10 +81,12 @@ def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, 
 
 
 def compile_attention(target: str, *, dtype: str = "bfloat16", s: int, kvh: int, r: int, d: int, split: int,
-                      block_s: int = 64, num_warps: int = 4, num_stages: int = 3, step: bool = False):
+                      block_s: int = 64, num_warps: int = 4, num_stages: int = 3, step: bool = False,
+                      parts: int = 0, batch: int = 1):
   """Compiles the decode-attention kernel (kernels/decode_attention.py) for `target` with the constexprs
   jw4a16.attention.decode_attention passes; step=True: the step kernel (rotary and cache writes folded in), as
-  jw4a16.attention.decode_attention_step launches it."""
+  jw4a16.attention.decode_attention_step launches it, with parts > 0 on float32 split-K slots of q/k/v for a batch
+  of `batch` sequences (its PARTS, SLOT)."""
   from jw4a16.kernels import decode_attention as da  # noqa: PLC0415
 
   tt = _TT[dtype]
@@ -95,9 +98,13 @@ def compile_attention(target: str, *, dtype: str = "bfloat16", s: int, kvh: int,
     names = ("q_ptr", "k_ptr", "v_ptr", "len_ptr", "lock_ptr", "out_ptr", "part_acc_ptr", "part_ml_ptr")
     kernel = da.decode_attention_kernel
   types = {"len_ptr": "*i32", "lock_ptr": "*i32", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
+  if parts:
+    types["qkv_ptr"] = "*fp32"
   sig = {name: types.get(name, f"*{tt}") for name in names}
   constexprs = dict(S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=da.block_rows(r),
                     BLOCK_S=block_s, SPLIT=split)
+  if step:
+    constexprs |= dict(PARTS=parts, SLOT=batch * (kvh * r + 2 * kvh) * d if parts else 0)
   sig.update({name: "constexpr" for name in constexprs})
   attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
   src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)

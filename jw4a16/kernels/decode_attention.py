@@ -23,7 +23,10 @@ int32 >= 1.  D a power of two.
 reads q and the new k and v from the q/k/v projection's output row, applies the rotary embedding to q and k, and
 writes the new k and v into the caches in place (aliased outputs) before attending.  In XLA those were four more
 kernels a layer (the rotary's multiply and concatenate fusions, two dynamic-update-slice fusions: ~5.3 us of GPU
-time and four launches a layer of the Llama-3-8B decode step, session 14).
+time and four launches a layer of the Llama-3-8B decode step, session 14).  With PARTS = S > 0 its qkv is the
+projection's S float32 split-K slots [S, B, (H + 2 KVH) D] (jw4a16.ops.w4a16_matmul(..., partials=True)), which it
+sums in slot order and rounds to the caches' dtype as it loads them: what the projection's own epilogue would have
+written, without that epilogue's wait for the other splits (session 17).
 """
 
 import triton
@@ -139,15 +142,29 @@ def _rope(x, swapped, cos, sin, D: tl.constexpr):
 
 
 @triton.jit
+def _load_qkv(ptrs, mask, PARTS: tl.constexpr, SLOT: tl.constexpr, DTYPE: tl.constexpr):
+  """Values of the q/k/v row at ptrs: as stored (PARTS = 0), or the sum of PARTS float32 slots SLOT elements
+  apart, added in slot order and rounded to DTYPE (jw4a16.reference.sum_partials)."""
+  if PARTS == 0:
+    return tl.load(ptrs, mask=mask, other=0.0)
+  total = tl.load(ptrs, mask=mask, other=0.0)
+  for i in tl.static_range(1, PARTS):
+    total += tl.load(ptrs + i * SLOT, mask=mask, other=0.0)
+  return total.to(DTYPE)
+
+
+@triton.jit
 def decode_attention_step_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, len_ptr, lock_ptr, out_ptr, k_out_ptr,
                                  v_out_ptr, part_acc_ptr, part_ml_ptr, S: tl.constexpr, KVH: tl.constexpr,
                                  R: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
-                                 BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
+                                 BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, PARTS: tl.constexpr = 0,
+                                 SLOT: tl.constexpr = 0):
   """A whole decode step's attention from the q/k/v projection's output: qkv [B, (H + 2 KVH) * D] ([q | k | v],
   heads in order), cos and sin [D] of the new position.  Rotates q and the new k, writes the new k and v at
   position length - 1 of the caches (k_out / v_out alias k / v: in place) and attends positions 0 .. length - 1.
   The split that holds position length - 1 writes it and takes it from registers; no program reads it from
-  memory, so no program waits for the write."""
+  memory, so no program waits for the write.  PARTS, SLOT: qkv as float32 split-K slots (module docstring), SLOT =
+  B (H + 2 KVH) D elements apart."""
   pid_bg = tl.program_id(0)
   pid_s = tl.program_id(1)
   b = pid_bg // KVH
@@ -159,25 +176,32 @@ def decode_attention_step_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, len_pt
   row = qkv_ptr + b.to(tl.int64) * ((KVH * R + 2 * KVH) * D)
   cos = tl.load(cos_ptr + offs_d).to(tl.float32)
   sin = tl.load(sin_ptr + offs_d).to(tl.float32)
+  DTYPE: tl.constexpr = k_ptr.dtype.element_ty
+  # Every load of the projection row first, together (the new k and v too, though only the split holding the new
+  # position uses them): after the attention loop they cost a dependent round trip of their own.
   q_ptrs = row + (g * R + offs_r[:, None]) * D
-  q = _rope(tl.load(q_ptrs + offs_d[None, :], mask=rmask[:, None], other=0.0),
-            tl.load(q_ptrs + swap_d[None, :], mask=rmask[:, None], other=0.0), cos, sin, D)
-  q = q.to(k_ptr.dtype.element_ty)
+  q = _rope(_load_qkv(q_ptrs + offs_d[None, :], rmask[:, None], PARTS, SLOT, DTYPE),
+            _load_qkv(q_ptrs + swap_d[None, :], rmask[:, None], PARTS, SLOT, DTYPE), cos, sin, D)
+  q = q.to(DTYPE)
+  k_row = row + (KVH * R + g) * D
+  whole = offs_d < D
+  k_new = _rope(_load_qkv(k_row + offs_d, whole, PARTS, SLOT, DTYPE),
+                _load_qkv(k_row + swap_d, whole, PARTS, SLOT, DTYPE), cos, sin, D).to(DTYPE)
+  v_new = _load_qkv(row + (KVH * R + KVH + g) * D + offs_d, whole, PARTS, SLOT, DTYPE)
   length, start, end = _split_range(len_ptr, b, pid_s, SPLIT, BLOCK_S)
   last = length - 1
   row0 = b.to(tl.int64) * S
+  holds_new = (start <= last) & (last < end)  # this split holds the new position: it writes it, and attends it
+  if holds_new:  # no program reads position `last` from the caches (the loops stop before it): write it now
+    cache_off = ((row0 + last) * KVH + g) * D + offs_d
+    tl.store(k_out_ptr + cache_off, k_new)
+    tl.store(v_out_ptr + cache_off, v_new)
   m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_R], tl.float32)
   acc = tl.zeros([BLOCK_R, D], tl.float32)
   m_i, l_i, acc = _attend(q, k_ptr, v_ptr, row0, g, start, tl.minimum(end, last), m_i, l_i, acc, KVH, D, SCALE,
                           BLOCK_S)
-  if (start <= last) & (last < end):  # this split holds the new position
-    k_row = row + (KVH * R + g) * D
-    k_new = _rope(tl.load(k_row + offs_d), tl.load(k_row + swap_d), cos, sin, D).to(k_ptr.dtype.element_ty)
-    v_new = tl.load(row + (KVH * R + KVH + g) * D + offs_d)
-    cache_off = ((row0 + last) * KVH + g) * D + offs_d
-    tl.store(k_out_ptr + cache_off, k_new)
-    tl.store(v_out_ptr + cache_off, v_new)
+  if holds_new:  # the new position from registers
     s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * SCALE  # [BLOCK_R]
     m_new = tl.maximum(m_i, s_new)
     p = tl.exp(s_new - m_new)

@@ -214,6 +214,7 @@ def w4a16_frag_norm_kernel(
     RES: tl.constexpr = 0,
     RES_GAMMA: tl.constexpr = 0,
     EPS: tl.constexpr = 1e-5,
+    PARTIALS: tl.constexpr = 0,
 ):
   """w4a16_frag_kernel with a Llama layer's norm and residual folded in (jw4a16.ops.w4a16_matmul's norm_weight
   and residual), so the decode step runs no norm kernels between its matmuls:
@@ -227,11 +228,16 @@ def w4a16_frag_norm_kernel(
     output is rounded, so the K loop is the plain kernel's.
   RES: writes out = (x @ W).to(dtype) + res [M, N] and ssq_out [M, N // 64] of that sum (kernels/splitk.py);
     with RES_GAMMA also hg_out = out * res_gamma [N] (the next NORM = 2 matmul's x).
+  PARTIALS = 1: each program writes its fp32 product (after NORM = 2's row scale) to its slot pid_k of partial
+    [SPLIT_K, M, N] (any SPLIT_K, 1 included) and stops: no arrival ticket, no sum, out untouched.  The consumer
+    sums the slots in order and rounds (reference.sum_partials: bit for bit what the epilogue writes), so the tile's
+    last program no longer waits for the others' partials through L2 (a fence, the ticket and the loads: on H100
+    1.2 - 1.9 us of an M = 1 launch, docs/performance.md, session 17).  Not with RES.
   Unused pointers may be any array (the constexprs leave them untouched).
   """
   _frag_body(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, M, lock_ptr, gamma_ptr, ssq_in_ptr, res_ptr,
              res_gamma_ptr, out_ptr, partial_ptr, ssq_out_ptr, hg_out_ptr, N, K, GROUP_SIZE, HAS_ZP, ZP_BIAS,
-             BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, SCALE_W, PTX, NORM, RES, RES_GAMMA, EPS)
+             BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, SCALE_W, PTX, NORM, RES, RES_GAMMA, EPS, PARTIALS)
 
 
 @triton.jit
@@ -240,7 +246,7 @@ def _frag_body(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, M, lock_ptr, gamma_pt
                GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, ZP_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SCALE_W: tl.constexpr,
                PTX: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr, RES_GAMMA: tl.constexpr,
-               EPS: tl.constexpr):
+               EPS: tl.constexpr, PARTIALS: tl.constexpr = 0):
   DTYPE: tl.constexpr = x_ptr.dtype.element_ty
   B: tl.constexpr = 128.0 if DTYPE == tl.bfloat16 else 1024.0
   tl.static_assert(BLOCK_K % 64 == 0, "fragment-packed blocks are 64 K values")
@@ -324,7 +330,10 @@ def _frag_body(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, M, lock_ptr, gamma_pt
   acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
   mask = mask_m[:, None] & mask_n[None, :]
   offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-  if RES:
+  if PARTIALS:  # this split's product to its slot; the consumer sums the slots (w4a16_frag_norm_kernel's docstring)
+    tl.static_assert(RES == 0, "PARTIALS leaves the sum to the consumer: no residual epilogue")
+    tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=mask)
+  elif RES:
     NB: tl.constexpr = BLOCK_N // 64
     offs_b = pid_n * NB + tl.arange(0, NB)
     ssq_offs = offs_m.to(tl.int64)[:, None] * (N // 64) + offs_b[None, :]

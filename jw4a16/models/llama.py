@@ -29,7 +29,7 @@ from jw4a16.linen import W4A16Dense
 from jw4a16.norm import rms_norm
 from jw4a16.qweight import QuantizedWeight
 from jw4a16.quantize import layer_params
-from jw4a16.reference import residual_sum, rms_norm_from_ssq, sum_squares
+from jw4a16.reference import residual_sum, rms_norm_from_ssq, sum_partials, sum_squares
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,22 +137,33 @@ def folds_norms(cfg: LlamaConfig) -> bool:
   return cfg.hidden_size % 64 == 0 and cfg.tensor_parallel is None
 
 
-def project(layer, x, norm=None, residual=None, residual_norm_weight=None, *, fold: bool):
+def project(layer, x, norm=None, residual=None, residual_norm_weight=None, *, fold: bool, partials: bool = False):
   """layer(x), with norm = (weight, eps, ssq) of x normalized first (fold only; weight None: x is h times the
   weight already, only its rows are scaled), and with a residual, (h, ssq, hg) = (y + residual, its sums of squares
   per 64 columns, h * residual_norm_weight), the last two None unless fold.  A W4A16Dense folds all of it into its
-  kernel (fold); a dense layer gets it in jnp."""
+  kernel (fold); a dense layer gets it in jnp.  partials (a W4A16Dense that folds, no residual; `takes_slots`):
+  float32 split-K slots [S, ..., N] of the output, which the caller sums (reference.sum_partials)."""
   if fold and isinstance(layer, W4A16Dense):
     kw = {} if norm is None else dict(norm_weight=norm[0], norm_eps=norm[1], norm_ssq=norm[2])
     if residual is None:
-      return layer(x, **kw)
+      return layer(x, partials=partials, **kw)
     out = layer(x, residual=residual, residual_norm_weight=residual_norm_weight, **kw)
   else:
+    if partials:
+      raise ValueError("partials: only a W4A16Dense that folds the norms returns split-K slots (takes_slots)")
     y = layer(x if norm is None else rms_norm_from_ssq(x, *norm))
     if residual is None:
       return y
     out = residual_sum(y, residual, residual_norm_weight) if fold else (y + residual, None)
   return out if len(out) == 3 else (*out, None)
+
+
+def takes_slots(layer, fold: bool, t: int) -> bool:
+  """Whether `project` hands a decode step's (t = 1) output over as split-K slots (w4a16_matmul's partials) that
+  the next op sums as it reads them (the attention kernel, the SwiGLU fusion): an int4 layer that folds the norms.
+  On the frag kernel that drops the wait of each tile's last program for the other splits' partials (1.2 - 1.9 us
+  a launch on H100 at M = 1, docs/performance.md, session 17); elsewhere the slot is the output itself."""
+  return t == 1 and fold and isinstance(layer, W4A16Dense)
 
 
 def prescales_norm(quant: QuantSpec, prefix: str, cfg: LlamaConfig) -> bool:
@@ -209,8 +220,11 @@ class Attention(nn.Module):
     h_in = h if fold else rms_norm(h, norm[0], norm[1], allow_kernel=allow_kernel)  # else one norm for q, k, v
     norm = norm if fold else None
     if cfg.fuse_qkv:
-      qkv = project(p("qkv_proj", (heads + 2 * kvh) * d, cfg.attention_bias), h_in, norm, fold=fold)
-      q, k, v = split_qkv(qkv, heads, kvh, d)
+      layer = p("qkv_proj", (heads + 2 * kvh) * d, cfg.attention_bias)
+      slots = takes_slots(layer, fold, t)  # the attention kernel sums them as it loads q, k, v
+      qkv = project(layer, h_in, norm, fold=fold, partials=slots)
+      if not slots:
+        q, k, v = split_qkv(qkv, heads, kvh, d)
     else:
       qkv = None
       q, k, v = (project(p(n, f * d, cfg.attention_bias), h_in, norm, fold=fold).reshape(b, t, f, d)
@@ -218,7 +232,7 @@ class Attention(nn.Module):
     if t == 1:  # a decode step: rotary, cache writes and attention in one call (one kernel where it runs)
       if qkv is None:
         qkv = jnp.concatenate([a.reshape(b, t, -1) for a in (q, k, v)], axis=-1)
-      out, k_cache, v_cache = attention_step(qkv[:, 0], cos.reshape(d), sin.reshape(d), *cache, index,
+      out, k_cache, v_cache = attention_step(qkv[..., 0, :], cos.reshape(d), sin.reshape(d), *cache, index,
                                              allow_kernel=allow_kernel)
       out = out[:, None]
     else:
@@ -250,7 +264,10 @@ class MLP(nn.Module):
     else:
       h_in = h
     if cfg.fuse_gate_up:
-      gate, up = jnp.split(project(p("gate_up_proj", 2 * cfg.intermediate_size), h_in, norm, fold=fold), 2, axis=-1)
+      layer = p("gate_up_proj", 2 * cfg.intermediate_size)
+      slots = takes_slots(layer, fold, h.shape[-2])  # summed in the SwiGLU multiply's fusion
+      gate_up = project(layer, h_in, norm, fold=fold, partials=slots)
+      gate, up = jnp.split(sum_partials(gate_up, dt) if slots else gate_up, 2, axis=-1)
     else:
       gate, up = (project(p(n, cfg.intermediate_size), h_in, norm, fold=fold) for n in ("gate_proj", "up_proj"))
     return project(p("down_proj", cfg.hidden_size), nn.silu(gate) * up, residual=h, fold=fold)[:2]
