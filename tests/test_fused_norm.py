@@ -32,9 +32,10 @@ def _expected(h, gamma, res, w, norm: bool, residual: bool):
 
 
 def run_frag_norm_kernel(h, qweight, scales, qzeros, *, group_size, gamma, ssq, res, block_m, block_n, block_k,
-                         split, scale_w, res_gamma=None):
-  """Mirrors ops._launch's fused call with CPU torch tensors; returns (out, ssq_out, hg_out) as numpy.  gamma None
-  with ssq given: h is already times the norm weight (NORM = 2)."""
+                         split, scale_w, res_gamma=None, partials=False):
+  """Mirrors ops._launch's fused call with CPU torch tensors; returns (out, ssq_out, hg_out) as numpy, or with
+  partials (PARTIALS) the split-K slots [split, M, N].  gamma None with ssq given: h is already times the norm weight
+  (NORM = 2)."""
   from jw4a16.kernels.w4a16_frag import w4a16_frag_norm_kernel  # noqa: PLC0415
   from tests.interpret import _torch, patch_interpreter  # noqa: PLC0415
 
@@ -45,18 +46,20 @@ def run_frag_norm_kernel(h, qweight, scales, qzeros, *, group_size, gamma, ssq, 
   out = torch.full((m, n), float("nan"), dtype=dt)
   ssq_out = torch.full((m, n // 64) if res is not None else (1,), float("nan"))
   hg_out = torch.full((m, n) if res_gamma is not None else (1,), float("nan"), dtype=dt)
-  partials = torch.full((split, m, n) if split > 1 else (1,), float("nan"))
+  slots = torch.full((split, m, n) if split > 1 or partials else (1,), float("nan"))
   grid = (-(-m // block_m) * -(-n // block_n), split)
   locks = torch.zeros(grid[0] if split > 1 else 1, dtype=torch.int32)
   st, ht = _torch(scales), _torch(h)
   opt = lambda a: ht if a is None else _torch(a)  # noqa: E731
   w4a16_frag_norm_kernel[grid](
       ht, _torch(layout.to_fragment_packed(np.asarray(qweight))), st, st if qzeros is None else _torch(qzeros), m,
-      locks, opt(gamma), opt(ssq), opt(res), opt(res_gamma), out, partials, ssq_out, hg_out, N=n, K=k,
+      locks, opt(gamma), opt(ssq), opt(res), opt(res_gamma), out, slots, ssq_out, hg_out, N=n, K=k,
       GROUP_SIZE=group_size, HAS_ZP=qzeros is not None, ZP_BIAS=8, BLOCK_M=block_m, BLOCK_N=block_n,
       BLOCK_K=block_k, SPLIT_K=split, SCALE_W=scale_w, NORM=1 if gamma is not None else (2 if ssq is not None else 0),
-      RES=int(res is not None), RES_GAMMA=int(res_gamma is not None), EPS=EPS)
+      RES=int(res is not None), RES_GAMMA=int(res_gamma is not None), EPS=EPS, PARTIALS=int(partials))
   assert (locks == 0).all()
+  if partials:
+    return slots.numpy()
   return out.float().numpy(), ssq_out.numpy(), hg_out.float().numpy()
 
 

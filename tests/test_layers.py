@@ -84,6 +84,31 @@ def test_layers_fold_norm_and_residual(use_bias):
     jw4a16.W4A16Dense(40, group_size=64).init(jax.random.key(0), x, residual=jnp.zeros((2, 3, 40), jnp.bfloat16))
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_layers_hand_over_split_k_slots(use_bias):
+  """partials=True: both layers return float32 slots [S, ..., N] whose sum is their output (with a bias, the
+  output after it as the one slot); not with a residual."""
+  from jw4a16 import reference  # noqa: PLC0415
+
+  w = jax.random.normal(jax.random.key(1), (K, N)) * 0.05
+  b = jax.random.normal(jax.random.key(2), (N,)).astype(jnp.bfloat16) if use_bias else None
+  qw = jw4a16.quantize(w, group_size=64)
+  x = make_x((2, 3, K))
+  gamma = jnp.linspace(0.5, 1.5, K).astype(jnp.bfloat16)
+  layer = jw4a16.W4A16Dense(N, group_size=64, use_bias=use_bias)
+  params = {"params": layer_params(qw, b)}
+  run = jax.jit(lambda p, x, slots: layer.apply(p, x, norm_weight=gamma, partials=slots), static_argnums=2)
+  slots, want = run(params, x, True), run(params, x, False)
+  assert slots.shape[1:] == (2, 3, N) and slots.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(reference.sum_partials(slots, jnp.bfloat16), np.float32),
+                                np.asarray(want, np.float32))
+  lin = jnnx.W4A16Linear(K, N, group_size=64, use_bias=use_bias, rngs=nnx.Rngs(0)).load(qw, b)
+  got = nnx.jit(lambda m, x: m(x, norm_weight=gamma, partials=True))(lin, x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(slots))
+  with pytest.raises(ValueError, match="partials=True with a residual"):
+    layer.apply(params, x, residual=jnp.zeros((2, 3, N), jnp.bfloat16), partials=True)
+
+
 def test_init_shapes_types_and_partitioning():
   layer = jw4a16.W4A16Dense(N, group_size=64, symmetric=False, act_order=True)
   p = layer.init(jax.random.key(0), jnp.ones((1, K), jnp.bfloat16))["params"]

@@ -6,40 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jw4a16
-from jw4a16 import layout, reference
+from jw4a16 import reference
 from tests.helpers import make_weights, make_x
-
-EPS = 1e-5
-
-
-def run_frag_kernel(h, qweight, scales, qzeros, *, group_size, gamma, ssq, block_m, block_n, block_k, split, scale_w,
-                    partials: bool):
-  """The frag norm kernel as ops._launch calls it, with CPU torch tensors: PARTIALS -> slots [split, M, N] float32,
-  else the output [M, N] as float32."""
-  from jw4a16.kernels.w4a16_frag import w4a16_frag_norm_kernel  # noqa: PLC0415
-  from tests.interpret import _torch, patch_interpreter  # noqa: PLC0415
-
-  patch_interpreter()
-  m, k = h.shape
-  n = scales.shape[1]
-  dt = torch.bfloat16 if h.dtype == jnp.bfloat16 else torch.float16
-  out = torch.full((1,) if partials else (m, n), float("nan"), dtype=dt)
-  slots = torch.full((split, m, n) if partials or split > 1 else (1,), float("nan"))
-  grid = (-(-m // block_m) * -(-n // block_n), split)
-  locks = torch.zeros(grid[0] if split > 1 else 1, dtype=torch.int32)
-  st, ht = _torch(scales), _torch(h)
-  opt = lambda a: ht if a is None else _torch(a)  # noqa: E731
-  w4a16_frag_norm_kernel[grid](
-      ht, _torch(layout.to_fragment_packed(np.asarray(qweight))), st, st if qzeros is None else _torch(qzeros), m,
-      locks, opt(gamma), opt(ssq), ht, ht, out, slots, slots, out, N=n, K=k, GROUP_SIZE=group_size,
-      HAS_ZP=qzeros is not None, ZP_BIAS=8, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-      SCALE_W=scale_w, NORM=1 if gamma is not None else (2 if ssq is not None else 0), RES=0, RES_GAMMA=0, EPS=EPS,
-      PARTIALS=int(partials))
-  assert (locks == 0).all()
-  return slots.numpy() if partials else out.float().numpy()
+from tests.test_fused_norm import EPS, run_frag_norm_kernel
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -54,10 +25,11 @@ def test_kernel_slots_sum_to_the_epilogue_output(m, bn, split, scale_w, symmetri
   h = jnp.asarray(3.0 * np.asarray(make_x((m, k), "float32", 2)), dtype)
   gamma = jnp.linspace(0.5, 1.5, k).astype(dtype) if norm == 1 else None
   ssq = reference.sum_squares(h) if norm else None
-  kw = dict(group_size=g, gamma=gamma, ssq=ssq, block_m=16, block_n=bn, block_k=64, split=split, scale_w=scale_w)
-  slots = run_frag_kernel(h, qw, s, qz, partials=True, **kw)
+  kw = dict(group_size=g, gamma=gamma, ssq=ssq, res=None, block_m=16, block_n=bn, block_k=64, split=split,
+            scale_w=scale_w)
+  slots = run_frag_norm_kernel(h, qw, s, qz, partials=True, **kw)
   assert slots.shape == (split, m, n) and np.isfinite(slots).all()
-  out = run_frag_kernel(h, qw, s, qz, partials=False, **kw)
+  out = run_frag_norm_kernel(h, qw, s, qz, **kw)[0]
   summed = np.asarray(reference.sum_partials(jnp.asarray(slots), dtype), np.float32)
   np.testing.assert_array_equal(summed, out)
   if split > 1:  # more than one slot carries the product: each alone is not it
