@@ -137,6 +137,11 @@ def split_for(b: int, kvh: int, s: int, num_sms: int, block_s: int = BLOCK_S) ->
   return 1 << max(0, math.floor(math.log2(max(want, 1))))
 
 
+def step_rows(r: int) -> int:
+  """The step kernel's ROWS: q rows it loads and rotates (a power of two >= R; the dot's tile repeats them)."""
+  return 1 << max(0, (r - 1).bit_length())
+
+
 def _launch_params(b: int, r: int, kvh: int, s: int, split: int | None, block_s: int):
   """(split, BLOCK_R, launcher, triton_call) of a decode-attention launch; a bad split is refused before
   jax_triton is imported."""
@@ -195,7 +200,7 @@ def decode_attention_step(qkv, cos, sin, k_cache, v_cache, lengths, *, split: in
                  jax.ShapeDtypeStruct((slots, 2, block_r), jnp.float32)),
       input_output_aliases={3: 1, 4: 2}, num_warps=num_warps, num_stages=num_stages,
       S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s, SPLIT=split, PARTS=parts,
-      SLOT=b * (h + 2 * kvh) * d if parts else 0)
+      SLOT=b * (h + 2 * kvh) * d if parts else 0, ROWS=step_rows(r))
   return out, k_cache, v_cache
 
 

@@ -127,6 +127,7 @@ def run_attention_step_kernel(qkv, cos, sin, k_cache, v_cache, lengths, *, split
   ...] of it), cos and sin [D], caches [B, S, KVH, D] (bf16 or fp16 numpy), lengths [B] -> (float32 numpy out [B,
   H, D], k_cache, v_cache as numpy of the cache dtype).  The caches are passed as both input and output, as the
   aliased GPU call does.  Checks that the counters are left at zero."""
+  from jw4a16.attention import step_rows  # noqa: PLC0415
   from jw4a16.kernels.decode_attention import block_rows, decode_attention_step_kernel  # noqa: PLC0415
 
   patch_interpreter()
@@ -146,7 +147,8 @@ def run_attention_step_kernel(qkv, cos, sin, k_cache, v_cache, lengths, *, split
   decode_attention_step_kernel[(b * kvh, split)](
       _torch(qkv), _torch(cos), _torch(sin), kc, vc, torch.from_numpy(np.asarray(lengths, np.int32)), locks, out,
       kc, vc, part_acc, part_ml, S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s,
-      SPLIT=split, PARTS=parts, SLOT=b * (h + 2 * kvh) * d if parts else 0, num_warps=4, num_stages=3)
+      SPLIT=split, PARTS=parts, SLOT=b * (h + 2 * kvh) * d if parts else 0, ROWS=step_rows(r), num_warps=4,
+      num_stages=3)
   assert (locks == 0).all(), locks
 
   return out.float().numpy(), _numpy(kc), _numpy(vc)

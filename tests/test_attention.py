@@ -82,6 +82,7 @@ STEP_CASES = [  # b, s, kvh, r, d, lengths, split, dtype
     (1, 256, 1, 8, 64, [129], 2, np.float16),  # the new position alone in the second split
     (3, 130, 2, 5, 32, [130, 64, 3], 8, ml_dtypes.bfloat16),  # R = 5, empty splits
     (2, 96, 2, 4, 32, [96, 96], 2, ml_dtypes.bfloat16),  # one position for the batch: also run as one launch
+    (1, 64, 1, 16, 32, [40], 1, np.float16),  # R = 16: the q rows fill the dot's tile (ROWS = BLOCK_R)
 ]
 
 
@@ -182,6 +183,10 @@ def test_bad_step_arguments():
     attention.attention_step(qkv, cs, cs, c[0], c, 0)
   with pytest.raises(ValueError, match="split=3 must be a power of two"):
     attention.decode_attention_step(qkv, cs, cs, c, c, jnp.ones((1,), jnp.int32), split=3)
+
+
+def test_step_rows():
+  assert [attention.step_rows(r) for r in (1, 2, 3, 4, 5, 8, 9, 64)] == [1, 2, 4, 4, 8, 8, 16, 64]
 
 
 def test_split_for():

@@ -158,13 +158,15 @@ def decode_attention_step_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, len_pt
                                  v_out_ptr, part_acc_ptr, part_ml_ptr, S: tl.constexpr, KVH: tl.constexpr,
                                  R: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
                                  BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, PARTS: tl.constexpr = 0,
-                                 SLOT: tl.constexpr = 0):
+                                 SLOT: tl.constexpr = 0, ROWS: tl.constexpr = 0):
   """A whole decode step's attention from the q/k/v projection's output: qkv [B, (H + 2 KVH) * D] ([q | k | v],
   heads in order), cos and sin [D] of the new position.  Rotates q and the new k, writes the new k and v at
   position length - 1 of the caches (k_out / v_out alias k / v: in place) and attends positions 0 .. length - 1.
   The split that holds position length - 1 writes it and takes it from registers; no program reads it from
   memory, so no program waits for the write.  PARTS, SLOT: qkv as float32 split-K slots (module docstring), SLOT =
-  B (H + 2 KVH) D elements apart."""
+  B (H + 2 KVH) D elements apart.  ROWS (a power of two >= R, or 0 for BLOCK_R): the q rows loaded and rotated;
+  with fewer than BLOCK_R, the [ROWS, D] tile is repeated to the dot's BLOCK_R rows (the copies' outputs are never
+  stored), so the slots' loads hold ROWS rows of registers, not BLOCK_R."""
   pid_bg = tl.program_id(0)
   pid_s = tl.program_id(1)
   b = pid_bg // KVH
@@ -179,10 +181,14 @@ def decode_attention_step_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, len_pt
   DTYPE: tl.constexpr = k_ptr.dtype.element_ty
   # Every load of the projection row first, together (the new k and v too, though only the split holding the new
   # position uses them): after the attention loop they cost a dependent round trip of their own.
-  q_ptrs = row + (g * R + offs_r[:, None]) * D
-  q = _rope(_load_qkv(q_ptrs + offs_d[None, :], rmask[:, None], PARTS, SLOT, DTYPE),
-            _load_qkv(q_ptrs + swap_d[None, :], rmask[:, None], PARTS, SLOT, DTYPE), cos, sin, D)
+  QR: tl.constexpr = BLOCK_R if ROWS == 0 else ROWS
+  offs_q = tl.arange(0, QR)
+  q_ptrs = row + (g * R + offs_q[:, None]) * D
+  q = _rope(_load_qkv(q_ptrs + offs_d[None, :], (offs_q < R)[:, None], PARTS, SLOT, DTYPE),
+            _load_qkv(q_ptrs + swap_d[None, :], (offs_q < R)[:, None], PARTS, SLOT, DTYPE), cos, sin, D)
   q = q.to(DTYPE)
+  if QR < BLOCK_R:  # row r of the dot's tile is q row r % QR
+    q = tl.reshape(tl.broadcast_to(q[None, :, :], (BLOCK_R // QR, QR, D)), (BLOCK_R, D))
   k_row = row + (KVH * R + g) * D
   whole = offs_d < D
   k_new = _rope(_load_qkv(k_row + offs_d, whole, PARTS, SLOT, DTYPE),
