@@ -75,3 +75,13 @@ def test_sum_partials_adds_in_slot_order_and_rounds_once():
   assert float(reference.sum_partials(slots, jnp.bfloat16)[0]) == 1.0 + 2.0**-7
   with pytest.raises(ValueError, match=r"partials: expected float32 \[S, \.\.\., N\] slots"):
     reference.sum_partials(jnp.ones((2, 3), jnp.bfloat16), jnp.bfloat16)
+
+
+def test_op_partials_with_act_order():
+  qw, s, qz, g_idx, _ = make_weights(256, 64, 64, act_order=True)
+  x = make_x((3, 256))
+  out = jw4a16.w4a16_matmul(x, qw, s, qz, group_size=64, g_idx=g_idx)
+  slots = jw4a16.w4a16_matmul(x, qw, s, qz, group_size=64, g_idx=g_idx, partials=True)
+  assert slots.shape == (1, 3, 64)
+  np.testing.assert_array_equal(np.asarray(reference.sum_partials(slots, jnp.bfloat16), np.float32),
+                                np.asarray(out, np.float32))
