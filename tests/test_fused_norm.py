@@ -205,3 +205,25 @@ def test_op_prescaled_norm_and_residual_gamma(wts):
 def test_rms_norm_from_ssq_without_weight_needs_the_squares():
   with pytest.raises(ValueError, match="without a weight, the squares"):
     reference.rms_norm_from_ssq(make_x((2, 64)), None, EPS)
+
+
+def _h100_small_m_tiles():
+  """The distinct frag tiles of the shipped H100 table's bf16 symmetric entries for M = 2 - 8."""
+  from jw4a16 import tuning  # noqa: PLC0415
+
+  table = tuning.shipped_table("h100")
+  return sorted({(c.block_m, c.block_n, c.block_k, c.split_k, c.scale_w) for key, c in table.items()
+                 if key.startswith(("m2_", "m4_", "m8_")) and key.endswith("_bfloat16_sym_frag")})
+
+
+@pytest.mark.parametrize("tile", _h100_small_m_tiles(), ids=lambda t: "bm{}-bn{}-bk{}-split{}-sw{}".format(*t))
+def test_h100_small_m_picks_with_residual(tile):
+  """Each tile the H100 table picks for M = 2 - 8 (session 17 took the M = 1 picks there on four shapes) at M = 3
+  with the residual epilogue, in the interpreter: K deep enough for every split to have steps."""
+  bm, bn, bk, split, scale_w = tile
+  k, n, g = max(1024, split * bk), 256, 128
+  qw, s, _, _, w = make_weights(k, n, g)
+  h, _, res = _inputs(3, k, n, "bfloat16")
+  out, _, _ = run_frag_norm_kernel(h, qw, s, None, group_size=g, gamma=None, ssq=None, res=res, block_m=bm,
+                                   block_n=bn, block_k=bk, split=split, scale_w=scale_w)
+  assert_close(out, _expected(h, None, res, w, False, True), "bfloat16")
