@@ -137,11 +137,6 @@ def split_for(b: int, kvh: int, s: int, num_sms: int, block_s: int = BLOCK_S) ->
   return 1 << max(0, math.floor(math.log2(max(want, 1))))
 
 
-def step_rows(r: int) -> int:
-  """The step kernel's ROWS: q rows it loads and rotates (a power of two >= R; the dot's tile repeats them)."""
-  return 1 << max(0, (r - 1).bit_length())
-
-
 def _launch_params(b: int, r: int, kvh: int, s: int, split: int | None, block_s: int):
   """(split, BLOCK_R, launcher, triton_call) of a decode-attention launch; a bad split is refused before
   jax_triton is imported."""
@@ -186,7 +181,7 @@ def decode_attention_step(qkv, cos, sin, k_cache, v_cache, lengths, *, split: in
   b, h, d, s, kvh = check_step_args(qkv, cos, sin, k_cache, v_cache)
   r = h // kvh
   split, block_r, launcher, triton_call = _launch_params(b, r, kvh, s, split, block_s)
-  from jw4a16.kernels.decode_attention import decode_attention_step_kernel  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import decode_attention_step_kernel, step_rows  # noqa: PLC0415
 
   slots = b * kvh * split if split > 1 else 1
   parts = qkv.shape[0] if qkv.ndim == 3 else 0

@@ -127,8 +127,7 @@ def run_attention_step_kernel(qkv, cos, sin, k_cache, v_cache, lengths, *, split
   ...] of it), cos and sin [D], caches [B, S, KVH, D] (bf16 or fp16 numpy), lengths [B] -> (float32 numpy out [B,
   H, D], k_cache, v_cache as numpy of the cache dtype).  The caches are passed as both input and output, as the
   aliased GPU call does.  Checks that the counters are left at zero."""
-  from jw4a16.attention import step_rows  # noqa: PLC0415
-  from jw4a16.kernels.decode_attention import block_rows, decode_attention_step_kernel  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import block_rows, decode_attention_step_kernel, step_rows  # noqa: PLC0415
 
   patch_interpreter()
   qkv, cos, sin, k_cache, v_cache = (np.asarray(a) for a in (qkv, cos, sin, k_cache, v_cache))

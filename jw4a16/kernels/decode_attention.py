@@ -38,6 +38,12 @@ def block_rows(r: int) -> int:
   return max(16, triton.next_power_of_2(r))
 
 
+def step_rows(r: int) -> int:
+  """The step kernel's ROWS for R query heads a kv head: the q rows it loads and rotates, a power of two >= R (the
+  dot's BLOCK_R tile repeats them)."""
+  return triton.next_power_of_2(r)
+
+
 @triton.jit
 def _split_range(len_ptr, b, pid_s, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
   """(length, start, end) of split pid_s of sequence b: ceil(length / SPLIT) positions rounded up to BLOCK_S."""

@@ -574,10 +574,12 @@ class LlamaModel:
     out = [tok[:, None]]
     emitted = 0
 
-    def emit(toks):  # on_token for each of toks' columns that is wanted
+    def emit(toks):  # on_token for each of toks' columns that is wanted (no read-back without an on_token)
       nonlocal emitted
+      if not on_token:
+        return
       for col in np.asarray(toks).T:
-        if emitted < max_new_tokens and on_token:
+        if emitted < max_new_tokens:
           on_token(emitted, col)
         emitted += 1
 
