@@ -132,7 +132,9 @@ def split_for(b: int, kvh: int, s: int, num_sms: int, block_s: int = BLOCK_S) ->
   """Splits of the positions per (sequence, kv head): about one program per two SMs, each split at least four
   blocks (4 * block_s positions) of the cache; a power of two <= SPLIT_MAX, rounded down.  Measured on H100
   (session 13, docs/performance.md): 4x more splits than this, or splits of one block, ran 1.1 - 1.4x slower
-  (a split costs its partial's store and its share of the combine)."""
+  (a split costs its partial's store and its share of the combine).  Session 18 measured one-block splits again
+  with the combine that loads every partial at once: faster at 540 positions, slower at 128 and at batch 2, the
+  same in the Llama-3-8B decode step (docs/performance.md), so the rule stands."""
   want = min(-(-(num_sms // 2) // (b * kvh)), s // (4 * block_s), SPLIT_MAX)
   return 1 << max(0, math.floor(math.log2(max(want, 1))))
 
@@ -159,7 +161,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
   s, kvh = k_cache.shape[1], k_cache.shape[2]
   r = h // kvh
   split, block_r, launcher, triton_call = _launch_params(b, r, kvh, s, split, block_s)
-  from jw4a16.kernels.decode_attention import decode_attention_kernel  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import decode_attention_kernel, step_rows  # noqa: PLC0415
 
   slots = b * kvh * split if split > 1 else 1
   out, _, _ = triton_call(
@@ -168,7 +170,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, split: int | None = None, 
       out_shape=(jax.ShapeDtypeStruct((b, h, d), q.dtype), jax.ShapeDtypeStruct((slots, block_r, d), jnp.float32),
                  jax.ShapeDtypeStruct((slots, 2, block_r), jnp.float32)),
       num_warps=num_warps, num_stages=num_stages,
-      S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s, SPLIT=split)
+      S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s, SPLIT=split,
+      ROWS=step_rows(r))
   return out
 
 

@@ -100,7 +100,7 @@ def run_kernel(x, qweight, scales, qzeros, *, group_size, cfg: tuning.KernelConf
 def run_attention_kernel(q, k_cache, v_cache, lengths, *, split: int, block_s: int = 64):
   """Mirrors jw4a16.attention.decode_attention with CPU torch tensors: q [B, H, D], caches [B, S, KVH, D] (bf16
   or fp16 numpy), lengths [B] -> float32 numpy [B, H, D].  Checks that the counters are left at zero."""
-  from jw4a16.kernels.decode_attention import block_rows, decode_attention_kernel  # noqa: PLC0415
+  from jw4a16.kernels.decode_attention import block_rows, decode_attention_kernel, step_rows  # noqa: PLC0415
 
   patch_interpreter()
   q, k_cache, v_cache = (np.asarray(a) for a in (q, k_cache, v_cache))
@@ -117,7 +117,7 @@ def run_attention_kernel(q, k_cache, v_cache, lengths, *, split: int, block_s: i
   decode_attention_kernel[(b * kvh, split)](
       _torch(q), _torch(k_cache), _torch(v_cache), torch.from_numpy(np.asarray(lengths, np.int32)), locks, out,
       part_acc, part_ml, S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=block_r, BLOCK_S=block_s,
-      SPLIT=split, num_warps=4, num_stages=3)
+      SPLIT=split, ROWS=step_rows(r), num_warps=4, num_stages=3)
   assert (locks == 0).all(), locks
   return out.float().numpy()
 

@@ -48,6 +48,8 @@ CASES = [  # b, s, kvh, r, d, lengths, split, dtype
     (1, 256, 1, 8, 64, [200], 2, np.float16),
     (1, 64, 4, 1, 16, [64], 8, ml_dtypes.bfloat16),  # R = 1 (multi-head), more splits than blocks
     (3, 130, 2, 5, 32, [130, 64, 65], 2, np.float16),  # R = 5 (rows masked to BLOCK_R = 16)
+    (1, 640, 2, 4, 32, [300], 16, ml_dtypes.bfloat16),  # a block to each of 5 splits, 11 empty: 16 combined
+    (2, 704, 1, 4, 32, [577, 128], 4, np.float16),  # three blocks a split, the last split one position
 ]
 
 
@@ -83,6 +85,8 @@ STEP_CASES = [  # b, s, kvh, r, d, lengths, split, dtype
     (3, 130, 2, 5, 32, [130, 64, 3], 8, ml_dtypes.bfloat16),  # R = 5, empty splits
     (2, 96, 2, 4, 32, [96, 96], 2, ml_dtypes.bfloat16),  # one position for the batch: also run as one launch
     (1, 64, 1, 16, 32, [40], 1, np.float16),  # R = 16: the q rows fill the dot's tile (ROWS = BLOCK_R)
+    (1, 640, 2, 4, 32, [300], 16, ml_dtypes.bfloat16),  # a block to each of 5 splits, 11 empty: 16 combined
+    (2, 704, 1, 4, 32, [577, 129], 4, np.float16),  # the new position alone in the last split
 ]
 
 

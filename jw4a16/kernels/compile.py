@@ -102,9 +102,9 @@ def compile_attention(target: str, *, dtype: str = "bfloat16", s: int, kvh: int,
     types["qkv_ptr"] = "*fp32"
   sig = {name: types.get(name, f"*{tt}") for name in names}
   constexprs = dict(S=s, KVH=kvh, R=r, D=d, SCALE=float(d**-0.5), BLOCK_R=da.block_rows(r),
-                    BLOCK_S=block_s, SPLIT=split)
+                    BLOCK_S=block_s, SPLIT=split, ROWS=da.step_rows(r))
   if step:
-    constexprs |= dict(PARTS=parts, SLOT=batch * (kvh * r + 2 * kvh) * d if parts else 0, ROWS=da.step_rows(r))
+    constexprs |= dict(PARTS=parts, SLOT=batch * (kvh * r + 2 * kvh) * d if parts else 0)
   sig.update({name: "constexpr" for name in constexprs})
   attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
   src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)

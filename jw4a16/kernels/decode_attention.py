@@ -14,7 +14,7 @@ reads each K and V row once for all R = H / KVH query heads that share it:
 - SPLIT == 1: out = acc / l.  Otherwise each program stores (m, l, acc) to its slot of the fp32 workspaces and
   takes a ticket from its (b, g) counter, as the GEMM's split-K epilogue does (kernels/splitk.py: same ordering,
   same reset to zero, so one zeroed counter buffer serves every launch): the last to arrive rescales the SPLIT
-  partials to their common max, sums them and writes the R heads' outputs.
+  partials to their common max, sums them and writes the R heads' outputs, loading them all at once.
 
 q [B, H, D] and out [B, H, D] (head h = g * R + r), caches [B, S, KVH, D] (the model's layout), lengths [B]
 int32 >= 1.  D a power of two.
@@ -78,42 +78,44 @@ def _attend(q, k_ptr, v_ptr, row0, g, start, end, m_i, l_i, acc, KVH: tl.constex
 
 @triton.jit
 def _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg, pid_s, R: tl.constexpr,
-            D: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr):
-  """out = acc / l for SPLIT == 1; else this split's partial to the workspaces, and the last of the SPLIT
-  programs of (b, g) to arrive combines them (the same ordering and counter reset as kernels/splitk.py)."""
+            D: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr):
+  """out = acc / l for SPLIT == 1; else this split's partial (its R rows) to the workspaces, and the last of the
+  SPLIT programs of (b, g) to arrive combines them (the same ordering and counter reset as kernels/splitk.py).
+  The combine issues every load at once, [SPLIT, ROWS, D] (ROWS: a power of two >= R) and the SPLIT (m, l) pairs,
+  then reduces in registers: one L2 round trip after the ticket, where loading the maxima first and the partials
+  after them took two (session 18, docs/performance.md)."""
   offs_r = tl.arange(0, BLOCK_R)
   offs_d = tl.arange(0, D)
   rmask = offs_r < R
-  out_ptrs = out_ptr + (pid_bg * R + offs_r[:, None]) * D + offs_d[None, :]
   if SPLIT == 1:
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(out_ptr + (pid_bg * R + offs_r[:, None]) * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None])
   else:
     slot = pid_bg * SPLIT + pid_s
-    tl.store(part_acc_ptr + (slot * BLOCK_R + offs_r[:, None]) * D + offs_d[None, :], acc)
-    tl.store(part_ml_ptr + (slot * 2) * BLOCK_R + offs_r, m_i)
-    tl.store(part_ml_ptr + (slot * 2 + 1) * BLOCK_R + offs_r, l_i)
+    tl.store(part_acc_ptr + (slot * BLOCK_R + offs_r[:, None]) * D + offs_d[None, :], acc, mask=rmask[:, None])
+    tl.store(part_ml_ptr + (slot * 2) * BLOCK_R + offs_r, m_i, mask=rmask)
+    tl.store(part_ml_ptr + (slot * 2 + 1) * BLOCK_R + offs_r, l_i, mask=rmask)
     tl.debug_barrier()
     ticket = tl.atomic_add(lock_ptr + pid_bg, 1, sem="acq_rel", scope="gpu")
     if ticket == SPLIT - 1:
       first = pid_bg * SPLIT
       offs_p = tl.arange(0, SPLIT)
-      ml = part_ml_ptr + ((first + offs_p[:, None]) * 2) * BLOCK_R + offs_r[None, :]
-      m_all = tl.load(ml, cache_modifier=".cg")  # [SPLIT, BLOCK_R]
-      l_all = tl.load(ml + BLOCK_R, cache_modifier=".cg")
-      m_max = tl.max(m_all, axis=0)
+      offs_c = tl.arange(0, ROWS)
+      # [SPLIT, ROWS, 1] and [SPLIT, ROWS, D]: one 3-d layout for the maxima, sums and partials, no conversions
+      mask = (offs_c < R)[None, :, None]
+      row = (first + offs_p[:, None, None]) * BLOCK_R + offs_c[None, :, None]
+      ml = part_ml_ptr + (first + offs_p[:, None, None]) * BLOCK_R + row
+      m_all = tl.load(ml, mask=mask, other=float("-inf"), cache_modifier=".cg")
+      l_all = tl.load(ml + BLOCK_R, mask=mask, other=0.0, cache_modifier=".cg")
+      parts = tl.load(part_acc_ptr + row * D + offs_d[None, None, :], mask=mask, other=0.0, cache_modifier=".cg")
+      m_max = tl.max(m_all, axis=0)  # [ROWS, 1]
       m_safe = tl.where(m_max > float("-inf"), m_max, 0.0)  # rows past R: every split empty
-      w_all = tl.exp(m_all - m_safe[None, :])  # 0 for empty splits (m = -inf)
+      w_all = tl.exp(m_all - m_safe[None, :, :])  # 0 for empty splits (m = -inf)
       l_tot = tl.sum(l_all * w_all, axis=0)
-      total = tl.zeros([BLOCK_R, D], tl.float32)
-      for i in tl.static_range(SPLIT):  # unrolled: the SPLIT loads go out together, not one L2 trip each
-        m_s = tl.load(part_ml_ptr + ((first + i) * 2) * BLOCK_R + offs_r, mask=rmask, other=0.0,
-                      cache_modifier=".cg")
-        part = tl.load(part_acc_ptr + ((first + i) * BLOCK_R + offs_r[:, None]) * D + offs_d[None, :],
-                       mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-        total += part * tl.exp(m_s - m_safe)[:, None]
-      out = total / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
-      tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+      out = tl.sum(parts * w_all, axis=0) / tl.where(l_tot > 0, l_tot, 1.0)  # [ROWS, D]
+      tl.store(out_ptr + (pid_bg * R + offs_c[:, None]) * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+               mask=(offs_c < R)[:, None])
       tl.store(lock_ptr + pid_bg, 0)  # every ticket is drawn: the counter is ready for the next launch
 
 
@@ -121,7 +123,7 @@ def _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg,
 def decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, lock_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                             S: tl.constexpr, KVH: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                             SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-                            SPLIT: tl.constexpr):
+                            SPLIT: tl.constexpr, ROWS: tl.constexpr = 0):
   pid_bg = tl.program_id(0)
   pid_s = tl.program_id(1)
   b = pid_bg // KVH
@@ -136,7 +138,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, lock_ptr, out_ptr, par
   l_i = tl.zeros([BLOCK_R], tl.float32)
   acc = tl.zeros([BLOCK_R, D], tl.float32)
   m_i, l_i, acc = _attend(q, k_ptr, v_ptr, row0, g, start, end, m_i, l_i, acc, KVH, D, SCALE, BLOCK_S)
-  _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg, pid_s, R, D, BLOCK_R, SPLIT)
+  QR: tl.constexpr = BLOCK_R if ROWS == 0 else ROWS
+  _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg, pid_s, R, D, BLOCK_R, SPLIT, QR)
 
 
 @triton.jit
@@ -221,4 +224,4 @@ def decode_attention_step_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, len_pt
     l_i = l_i * alpha + p
     acc = acc * alpha[:, None] + p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
     m_i = m_new
-  _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg, pid_s, R, D, BLOCK_R, SPLIT)
+  _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg, pid_s, R, D, BLOCK_R, SPLIT, QR)
