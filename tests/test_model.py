@@ -217,18 +217,23 @@ def test_llama_bench_measures_every_decode_mode():
 
 
 def test_prescaled_norm_wiring_matches(monkeypatch):
-  """The wiring the GPU takes with the frag kernel (llama.prescales_norm: o_proj writes h times the post-attention
-  norm's weight, gate/up scale only their rows), forced on the reference path: logits within bf16 rounding of
-  those in transformers' order."""
+  """The wiring the GPU takes with the frag kernel, forced on the reference path: o_proj writes h times the
+  post-attention norm's weight and gate/up scale only their rows (llama.prescales_norm); down_proj writes h times
+  the next layer's input norm weight and its q/k/v scale only their rows (llama.prescales_input_norm).  Logits
+  within bf16 rounding of those in transformers' order, and each route did run."""
   path = "jw4a16/assets/tiny-llama-w4a16"
   ids = np.array([[1, 5, 9, 2, 7, 3]], np.int32)
-  m = llama.load(path, progress=False)
-  want = np.asarray(m(ids))
+  want = np.asarray(llama.load(path, progress=False)(ids))
   monkeypatch.setattr(llama, "prescales_norm", lambda quant, prefix, cfg: True)
-  pre = llama.load(path, progress=False)
-  got = np.asarray(pre(ids))
-  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
-  assert not np.array_equal(got, want)  # the prescaled route did run
+  mlp = np.asarray(llama.load(path, progress=False)(ids))
+  monkeypatch.setattr(llama, "prescales_input_norm", lambda quant, prefix, cfg: True)
+  m = llama.load(path, progress=False)
+  both = np.asarray(m(ids))
+  for got in (mlp, both):
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+  assert not np.array_equal(mlp, want)
+  assert not np.array_equal(both, mlp)
+  assert m.cfg.num_layers > 1  # so that a down_proj hands a next layer its input
 
 
 def test_decode_hands_split_k_slots_to_the_next_op(monkeypatch):

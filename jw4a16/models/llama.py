@@ -178,6 +178,17 @@ def prescales_norm(quant: QuantSpec, prefix: str, cfg: LlamaConfig) -> bool:
           and all(sp is not None and len(sp) > 3 and sp[3] == "fragment" for sp in specs))
 
 
+def prescales_input_norm(quant: QuantSpec, prefix: str, cfg: LlamaConfig) -> bool:
+  """Whether the attention at `prefix` takes its input as h times its input norm's weight, written by the previous
+  layer's down_proj (residual_norm_weight), and applies only the norm's row scale (the kernel's NORM = 2, its K
+  loop plain; NORM = 1 normalizes each x tile in the loop, ~0.7 us more a launch on H100 at M = 1, session 16):
+  where its q/k/v run the frag kernel, as prescales_norm for the MLP."""
+  names = ("qkv_proj",) if cfg.fuse_qkv else ("q_proj", "k_proj", "v_proj")
+  specs = [quant.get(f"{prefix}.self_attn.{n}") for n in names]
+  return (folds_norms(cfg) and ops.resolve_backend() == "triton"
+          and all(sp is not None and len(sp) > 3 and sp[3] == "fragment" for sp in specs))
+
+
 # Megatron-style split of each block over the tensor-parallel axis: q/k/v and gate/up split their outputs
 # (heads, intermediate), o/down their inputs, so a block needs one psum after o_proj and one after down_proj.
 # Fused projections split their (concatenated) outputs too: correct under shard_map, as each device computes its
@@ -206,10 +217,10 @@ class Attention(nn.Module):
   prefix: str
 
   @nn.compact
-  def __call__(self, h, cos, sin, cache, index, norm, next_norm_weight):
+  def __call__(self, h, cos, sin, cache, index, norm, next_norm_weight, hg=None):
     """h [B, T, hidden] the hidden state, norm (weight, eps, ssq) its input_layernorm, next_norm_weight the
-    post_attention_layernorm's (or None) -> ((h + attention, its ssq, that times next_norm_weight or None),
-    cache)."""
+    post_attention_layernorm's (or None), hg h times norm's weight (or None) -> ((h + attention, its ssq, that
+    times next_norm_weight or None), cache)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     b, t, _ = h.shape
     heads, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -217,8 +228,12 @@ class Attention(nn.Module):
     p = lambda n, f, bias: projection(self.quant, f"{self.prefix}.{n}", f, bias, dt, n,  # noqa: E731
                                       cfg.tensor_parallel)
     fold = folds_norms(cfg)
-    h_in = h if fold else rms_norm(h, norm[0], norm[1], allow_kernel=allow_kernel)  # else one norm for q, k, v
-    norm = norm if fold else None
+    if not fold:  # one norm for q, k, v
+      h_in, norm = rms_norm(h, norm[0], norm[1], allow_kernel=allow_kernel), None
+    elif hg is not None:  # the weight is applied: only the rows' scale is left (the kernel's K loop is plain)
+      h_in, norm = hg, (None, *norm[1:])
+    else:
+      h_in = h
     if cfg.fuse_qkv:
       layer = p("qkv_proj", (heads + 2 * kvh) * d, cfg.attention_bias)
       slots = takes_slots(layer, fold, t)  # the attention kernel sums them as it loads q, k, v
@@ -250,9 +265,10 @@ class MLP(nn.Module):
   prefix: str
 
   @nn.compact
-  def __call__(self, h, hg, norm):
+  def __call__(self, h, hg, norm, next_norm_weight=None):
     """h the hidden state, hg h times norm's weight (or None), norm (weight, eps, ssq) its
-    post_attention_layernorm -> (h + mlp, its ssq)."""
+    post_attention_layernorm, next_norm_weight the next layer's input_layernorm weight (or None) -> (h + mlp, its
+    ssq, that times next_norm_weight or None)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     p = lambda n, f: projection(self.quant, f"{self.prefix}.{n}", f, cfg.mlp_bias, dt, n,  # noqa: E731
                                 cfg.tensor_parallel)
@@ -270,7 +286,8 @@ class MLP(nn.Module):
       gate, up = jnp.split(sum_partials(gate_up, dt) if slots else gate_up, 2, axis=-1)
     else:
       gate, up = (project(p(n, cfg.intermediate_size), h_in, norm, fold=fold) for n in ("gate_proj", "up_proj"))
-    return project(p("down_proj", cfg.hidden_size), nn.silu(gate) * up, residual=h, fold=fold)[:2]
+    return project(p("down_proj", cfg.hidden_size), nn.silu(gate) * up, residual=h,
+                   residual_norm_weight=next_norm_weight, fold=fold)
 
 
 class Block(nn.Module):
@@ -279,23 +296,24 @@ class Block(nn.Module):
   which also leaves the squares of its output for the next norm, and each norm inside the projection after it: a
   decode step runs no norm kernels between its matmuls.  o_proj also writes h times the post-attention norm's
   weight (residual_norm_weight), so gate/up only scale their rows (the kernel's NORM = 2, its K loop untouched);
-  q/k/v normalize their x tiles in the K loop (NORM = 1), as the input norm's weight belongs to the next layer
-  when down_proj runs."""
+  down_proj likewise writes h times the next layer's input norm weight where the model hands it over
+  (next_input_norm; carry[2], else None), else q/k/v normalize their x tiles in the K loop (NORM = 1)."""
 
   cfg: LlamaConfig
   quant: QuantSpec
   prefix: str
 
   @nn.compact
-  def __call__(self, carry, cos, sin, cache, index):
-    h, ssq = carry
+  def __call__(self, carry, cos, sin, cache, index, next_input_norm=None):
+    h, ssq, hg = carry
     cfg = self.cfg
     eps, dt = cfg.rms_norm_eps, jnp.dtype(cfg.dtype)
     w_in = NormWeight(cfg.hidden_size, dt, name="input_layernorm")()
     w_post = NormWeight(cfg.hidden_size, dt, name="post_attention_layernorm")()
     (h, ssq, hg), cache = Attention(cfg, self.quant, f"{self.prefix}.self_attn", name="self_attn")(
-        h, cos, sin, cache, index, (w_in, eps, ssq), w_post if prescales_norm(self.quant, self.prefix, cfg) else None)
-    return MLP(cfg, self.quant, f"{self.prefix}.mlp", name="mlp")(h, hg, (w_post, eps, ssq)), cache
+        h, cos, sin, cache, index, (w_in, eps, ssq), w_post if prescales_norm(self.quant, self.prefix, cfg) else None,
+        hg)
+    return MLP(cfg, self.quant, f"{self.prefix}.mlp", name="mlp")(h, hg, (w_post, eps, ssq), next_input_norm), cache
 
 
 class LlamaForCausalLM(nn.Module):
@@ -320,7 +338,7 @@ class LlamaForCausalLM(nn.Module):
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     cos = jnp.cos(emb).astype(dt)[None, :, None, :]
     sin = jnp.sin(emb).astype(dt)[None, :, None, :]
-    carry = (x, sum_squares(x) if folds_norms(cfg) else None)
+    carry = (x, sum_squares(x) if folds_norms(cfg) else None, None)
     if self.scan_layers:  # compiles one layer instead of num_layers
       blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers)
@@ -330,7 +348,8 @@ class LlamaForCausalLM(nn.Module):
     else:
       new_cache = []
       for i in range(cfg.num_layers):
-        carry, kv = Block(cfg, self.quant, f"layers_{i}", name=f"layers_{i}")(carry, cos, sin, cache[i], index)
+        carry, kv = Block(cfg, self.quant, f"layers_{i}", name=f"layers_{i}")(carry, cos, sin, cache[i], index,
+                                                                              self._input_norm_for(i + 1))
         new_cache.append(kv)
       new_cache = tuple(new_cache)
     x = RMSNorm(cfg.rms_norm_eps, cfg.tensor_parallel is None, name="norm")(carry[0])
@@ -339,6 +358,15 @@ class LlamaForCausalLM(nn.Module):
     else:
       logits = projection(self.quant, "lm_head", cfg.vocab_size, False, dt, "lm_head")(x)
     return logits.astype(jnp.float32), new_cache
+
+  def _input_norm_for(self, i: int):
+    """layers_i's input_layernorm weight where its q/k/v take h times it (prescales_input_norm), for layers_{i-1}'s
+    down_proj to write that product; else None (also while the params are being made: the weight is read from
+    the params given to apply)."""
+    if i >= self.cfg.num_layers or self.is_initializing() or not prescales_input_norm(self.quant, f"layers_{i}",
+                                                                                      self.cfg):
+      return None
+    return self.variables["params"][f"layers_{i}"]["input_layernorm"]["weight"]
 
 
 def check_cache(cfg: LlamaConfig, cache, batch: int, index: int | None, t: int):
