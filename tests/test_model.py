@@ -236,6 +236,20 @@ def test_prescaled_norm_wiring_matches(monkeypatch):
   assert m.cfg.num_layers > 1  # so that a down_proj hands a next layer its input
 
 
+def test_prescaling_follows_the_frag_kernel(monkeypatch):
+  """prescales_norm / prescales_input_norm read the paths the model builds: on for the fragment packing on the
+  Triton path (mocked here), off for the GPTQ packing and on the reference path."""
+  path = "jw4a16/assets/tiny-llama-w4a16"
+  frag = llama.load(path, progress=False, packing="fragment")
+  gptq = llama.load(path, progress=False, packing="gptq")
+  for check in (llama.prescales_norm, llama.prescales_input_norm):
+    assert not check(frag.quant, "layers_1", frag.cfg)  # the reference path here
+  monkeypatch.setattr(llama.ops, "resolve_backend", lambda *a, **k: "triton")
+  for check in (llama.prescales_norm, llama.prescales_input_norm):
+    assert check(frag.quant, "layers_1", frag.cfg)
+    assert not check(gptq.quant, "layers_1", gptq.cfg)
+
+
 def test_decode_hands_split_k_slots_to_the_next_op(monkeypatch):
   """A decode step's q/k/v and gate/up reach the attention and the SwiGLU multiply as split-K slots
   (llama.takes_slots; one slot on this reference path), with the same logits as the same step summed by each

@@ -173,9 +173,7 @@ def prescales_norm(quant: QuantSpec, prefix: str, cfg: LlamaConfig) -> bool:
   times the normalized row rounded to the dtype) by a bf16 ulp here and there, so the reference path keeps that
   order (the CPU tests compare greedy tokens with transformers', and either packing gives the same logits)."""
   names = ("gate_up_proj",) if cfg.fuse_gate_up else ("gate_proj", "up_proj")
-  specs = [quant.get(f"{prefix}.mlp.{n}") for n in names]
-  return (folds_norms(cfg) and ops.resolve_backend() == "triton"
-          and all(sp is not None and len(sp) > 3 and sp[3] == "fragment" for sp in specs))
+  return _frag_folds(quant, cfg, [f"{prefix}.mlp.{n}" for n in names])
 
 
 def prescales_input_norm(quant: QuantSpec, prefix: str, cfg: LlamaConfig) -> bool:
@@ -184,7 +182,13 @@ def prescales_input_norm(quant: QuantSpec, prefix: str, cfg: LlamaConfig) -> boo
   loop plain; NORM = 1 normalizes each x tile in the loop, ~0.7 us more a launch on H100 at M = 1, session 16):
   where its q/k/v run the frag kernel, as prescales_norm for the MLP."""
   names = ("qkv_proj",) if cfg.fuse_qkv else ("q_proj", "k_proj", "v_proj")
-  specs = [quant.get(f"{prefix}.self_attn.{n}") for n in names]
+  return _frag_folds(quant, cfg, [f"{prefix}.self_attn.{n}" for n in names])
+
+
+def _frag_folds(quant: QuantSpec, cfg: LlamaConfig, paths) -> bool:
+  """Whether the projections at `paths` all fold the norms into the frag kernel: int4 with packing "fragment" on
+  the Triton path."""
+  specs = [quant.get(p) for p in paths]
   return (folds_norms(cfg) and ops.resolve_backend() == "triton"
           and all(sp is not None and len(sp) > 3 and sp[3] == "fragment" for sp in specs))
 
