@@ -125,6 +125,14 @@ def check_matmul_args(x, qweight, scales, qzeros, group_size, zp_bias, g_idx=Non
   return k, n, g
 
 
+def check_partials(partials: bool, residual) -> None:
+  """w4a16_matmul's (and the layers') partials=True takes no residual: the residual is added to the summed
+  product, so a ValueError says how to get it."""
+  if partials and residual is not None:
+    raise ValueError("partials=True with a residual: the residual is added to the summed product; sum the partials "
+                     "(reference.sum_partials) and add it, or take the output")
+
+
 def concrete_or_none(a):
   """The numpy value of `a` if it is known at trace time, else None."""
   if a is None:

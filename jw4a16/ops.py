@@ -325,9 +325,7 @@ def w4a16_matmul(x, qweight, scales, qzeros=None, *, group_size: int, zp_bias: i
     raise ValueError(f"config.kernel={config.kernel!r} does not read packing={packing!r} weights: kernel 'frag' "
                      "reads packing='fragment', the others packing='gptq'")
   _check_fused_args(x, k, n, norm_weight, norm_ssq, residual, residual_norm_weight)
-  if partials and residual is not None:
-    raise ValueError("partials=True with a residual: the residual is added to the summed product; sum the partials "
-                     "(reference.sum_partials) and add it, or take the output")
+  checks.check_partials(partials, residual)
   extras = (norm_weight, norm_ssq, residual, residual_norm_weight)
   path = resolve_backend(backend)
   valid = None  # traced g_idx: its check runs on the device

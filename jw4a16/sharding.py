@@ -110,8 +110,7 @@ def layer_forward(x, w: QuantizedWeight, bias, parallel: str | None, axis: str, 
   n = w.shape[1]
   if residual is not None and n % 64:
     raise ValueError(f"residual: needs features % 64 == 0 (its sums of squares are over 64 columns), got {n}")
-  if partials and residual is not None:
-    raise ValueError("partials=True with a residual: the residual is added to the summed product")
+  checks.check_partials(partials, residual)  # before the bias / tensor-parallel route below, which drops it
   if partials and (parallel is not None or bias is not None):
     y = layer_forward(x, w, bias, parallel, axis, backend=backend, norm_weight=norm_weight, norm_eps=norm_eps,
                       norm_ssq=norm_ssq)

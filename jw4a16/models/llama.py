@@ -158,6 +158,18 @@ def project(layer, x, norm=None, residual=None, residual_norm_weight=None, *, fo
   return out if len(out) == 3 else (*out, None)
 
 
+def norm_input(h, hg, norm, cfg: LlamaConfig):
+  """(x, norm) for `project` of the projections after the norm (weight, eps, ssq) of h: where the norms are not
+  folded (folds_norms), the normalized h and None; where the previous projection wrote hg = h times the weight,
+  hg and (None, eps, ssq): only the rows' scale is left (the kernel's NORM = 2, its K loop plain); else h and the
+  norm, applied in the kernel's K loop (NORM = 1)."""
+  if not folds_norms(cfg):
+    return rms_norm(h, norm[0], norm[1], allow_kernel=cfg.tensor_parallel is None), None
+  if hg is not None:
+    return hg, (None, *norm[1:])
+  return h, norm
+
+
 def takes_slots(layer, fold: bool, t: int) -> bool:
   """Whether `project` hands a decode step's (t = 1) output over as split-K slots (w4a16_matmul's partials) that
   the next op sums as it reads them (the attention kernel, the SwiGLU fusion): an int4 layer that folds the norms.
@@ -232,12 +244,7 @@ class Attention(nn.Module):
     p = lambda n, f, bias: projection(self.quant, f"{self.prefix}.{n}", f, bias, dt, n,  # noqa: E731
                                       cfg.tensor_parallel)
     fold = folds_norms(cfg)
-    if not fold:  # one norm for q, k, v
-      h_in, norm = rms_norm(h, norm[0], norm[1], allow_kernel=allow_kernel), None
-    elif hg is not None:  # the weight is applied: only the rows' scale is left (the kernel's K loop is plain)
-      h_in, norm = hg, (None, *norm[1:])
-    else:
-      h_in = h
+    h_in, norm = norm_input(h, hg, norm, cfg)  # one norm for q, k, v where it is not folded
     if cfg.fuse_qkv:
       layer = p("qkv_proj", (heads + 2 * kvh) * d, cfg.attention_bias)
       slots = takes_slots(layer, fold, t)  # the attention kernel sums them as it loads q, k, v
@@ -277,12 +284,7 @@ class MLP(nn.Module):
     p = lambda n, f: projection(self.quant, f"{self.prefix}.{n}", f, cfg.mlp_bias, dt, n,  # noqa: E731
                                 cfg.tensor_parallel)
     fold = folds_norms(cfg)
-    if not fold:
-      h_in, norm = rms_norm(h, norm[0], norm[1], allow_kernel=cfg.tensor_parallel is None), None
-    elif hg is not None:  # the weight is applied: only the rows' scale is left (the kernel's K loop is plain)
-      h_in, norm = hg, (None, *norm[1:])
-    else:
-      h_in = h
+    h_in, norm = norm_input(h, hg, norm, cfg)
     if cfg.fuse_gate_up:
       layer = p("gate_up_proj", 2 * cfg.intermediate_size)
       slots = takes_slots(layer, fold, h.shape[-2])  # summed in the SwiGLU multiply's fusion
