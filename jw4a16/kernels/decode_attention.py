@@ -104,8 +104,9 @@ def _finish(m_i, l_i, acc, out_ptr, lock_ptr, part_acc_ptr, part_ml_ptr, pid_bg,
       offs_c = tl.arange(0, ROWS)
       # [SPLIT, ROWS, 1] and [SPLIT, ROWS, D]: one 3-d layout for the maxima, sums and partials, no conversions
       mask = (offs_c < R)[None, :, None]
-      row = (first + offs_p[:, None, None]) * BLOCK_R + offs_c[None, :, None]
-      ml = part_ml_ptr + (first + offs_p[:, None, None]) * BLOCK_R + row
+      slots = first + offs_p[:, None, None]
+      row = slots * BLOCK_R + offs_c[None, :, None]  # the partials' rows; each slot's m, then its l, BLOCK_R apart
+      ml = part_ml_ptr + slots * (2 * BLOCK_R) + offs_c[None, :, None]
       m_all = tl.load(ml, mask=mask, other=float("-inf"), cache_modifier=".cg")
       l_all = tl.load(ml + BLOCK_R, mask=mask, other=0.0, cache_modifier=".cg")
       parts = tl.load(part_acc_ptr + row * D + offs_d[None, None, :], mask=mask, other=0.0, cache_modifier=".cg")

@@ -24,7 +24,8 @@ the second, and SCALE_W must be 1 or 2), SPLIT_K, and
     one rounding, as the reference), so the accumulator runs through the MMA chain untouched; 2 the same with the
     scales read as int32 pairs (see the K loop); 0 runs the dot on B + q and corrects the fp32 accumulator after
     each K step: acc += (dot - (B + z) * rowsum(x)) * s.
-  PTX: 1 on NVIDIA only, the unpacking's AND + OR as one inline-PTX LOP3 (ptxas does not fuse two immediates).
+  PTX: 1 on NVIDIA only, the unpacking's AND + OR as one inline-PTX LOP3 (ptxas does not fuse two immediates)
+    whose result is the register pair itself (_magic_pairs).
 
 w4a16_frag_norm_kernel is the same kernel (one body, _frag_body) with a Llama layer's RMSNorm and residual add
 folded in (NORM, RES, RES_GAMMA: its docstring), for jw4a16.ops.w4a16_matmul's norm and residual arguments.
@@ -45,13 +46,20 @@ def _halves(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _magic_pairs(v, MASK: tl.constexpr, MAGIC: tl.constexpr, PTX: tl.constexpr):
-  """(v & MASK) | MAGIC: one LOP3 with PTX (ptxas does not fuse the two immediates by itself), else two ops."""
+def _magic_pairs(v, MASK: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr, PTX: tl.constexpr):
+  """(v & MASK) | MAGIC as the register pair [..., 2] of DTYPE that its two 16-bit halves are (low half first).
+  PTX: one LOP3 (ptxas does not fuse the two immediates by itself) whose 32-bit result is the pair's register as
+  it stands.  The portable path splits the word into halves and joins them, which on sm_90 cost 65 byte permutes
+  (PRMT) of the 299 instructions of a K step (gate/up's M = 1 pick; docs/performance.md, session 20)."""
   if PTX:
-    return tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xea;", "=r,r", [v], dtype=tl.int32,
-                                     is_pure=True, pack=1)
+    asm: tl.constexpr = f"lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xea;"
+    # pack=2: each call takes two elements of the (word, word) pair and writes both halves of one register
+    if DTYPE == tl.bfloat16:
+      return tl.inline_asm_elementwise(asm, "=r,r,r", [tl.join(v, v)], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+      return tl.inline_asm_elementwise(asm, "=r,r,r", [tl.join(v, v)], dtype=tl.float16, is_pure=True, pack=2)
   else:
-    return (v & MASK) | MAGIC
+    return _halves((v & MASK) | MAGIC, DTYPE)
 
 
 @triton.jit
@@ -62,14 +70,14 @@ def _pieces(words, DTYPE: tl.constexpr, PTX: tl.constexpr, HI16: tl.constexpr):
   LO: tl.constexpr = 0x000F000F
   HI: tl.constexpr = 0x00F000F0
   w8 = words >> 8
-  b0 = _halves(_magic_pairs(words, LO, MAGIC, PTX), DTYPE)
-  b2 = _halves(_magic_pairs(w8, LO, MAGIC, PTX), DTYPE)
+  b0 = _magic_pairs(words, LO, MAGIC, DTYPE, PTX)
+  b2 = _magic_pairs(w8, LO, MAGIC, DTYPE, PTX)
   if HI16:
-    b1 = _halves(_magic_pairs(words, HI, MAGIC, PTX), DTYPE)
-    b3 = _halves(_magic_pairs(w8, HI, MAGIC, PTX), DTYPE)
+    b1 = _magic_pairs(words, HI, MAGIC, DTYPE, PTX)
+    b3 = _magic_pairs(w8, HI, MAGIC, DTYPE, PTX)
   else:
-    b1 = _halves(_magic_pairs(words >> 4, LO, MAGIC, PTX), DTYPE)
-    b3 = _halves(_magic_pairs(words >> 12, LO, MAGIC, PTX), DTYPE)
+    b1 = _magic_pairs(words >> 4, LO, MAGIC, DTYPE, PTX)
+    b3 = _magic_pairs(words >> 12, LO, MAGIC, DTYPE, PTX)
   return b0, b1, b2, b3
 
 
