@@ -38,6 +38,7 @@ class CompileReport:
   wgmma_in_flight: bool = False  # a loop's back edge with wgmmas unfinished (wgmma_in_flight_at_loop_end)
   loop_global_loads: int = 0  # ld.global in the K loops (global_loads_in_mma_loops): loads not pipelined
   tiles_to_shared: int = 0  # register tensors stored to shared memory (tiles_stored_to_shared)
+  loop_half_splits: int = 0  # 16-bit halves cut out of words in the K loops (half_splits_in_mma_loops)
 
 
 def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
@@ -196,6 +197,14 @@ def global_loads_in_mma_loops(ptx: str) -> int:
              for text in body if re.search(r"\bld\.global", text))
 
 
+def half_splits_in_mma_loops(ptx: str) -> int:
+  """cvt.u16.u32 instructions (a 16-bit half cut out of a 32-bit register) inside the PTX's K loops.  The frag
+  kernel's unpacking on NVIDIA keeps each LOP3 result whole as a register pair (w4a16_frag._magic_pairs); split into
+  halves and joined again, the pairs cost ptxas ~8 byte permutes (PRMT) a word (docs/performance.md, session 20)."""
+  return sum(1 for body in _loops(ptx) if any("mma" in text for text in body)
+             for text in body if re.search(r"\bcvt\.u16\.u32\b", text))
+
+
 def tiles_stored_to_shared(ttgir: str) -> int:
   """`ttg.local_alloc`s with a register source in the TTGIR: tensors computed in registers and then written to
   shared memory (the pipeliner's buffers are allocated empty, `local_alloc : ()`, and filled by async copies).  In
@@ -211,15 +220,16 @@ def report(target: str, compiled) -> CompileReport:
     spills = sum(int(v) for v in re.findall(r"\.(?:v|s)gpr_spill_count:\s*(\d+)", gcn))
     unit = "v_mfma" if "v_mfma" in gcn else None
     in_flight = False
-    loop_loads = 0
+    loop_loads = half_splits = 0
   else:
     ptx = asm["ptx"]
     spills = _ptxas_spills(ptx, TARGETS[target].arch)
     unit = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else None)
     in_flight = wgmma_in_flight_at_loop_end(ptx)
     loop_loads = global_loads_in_mma_loops(ptx)
+    half_splits = half_splits_in_mma_loops(ptx)
   return CompileReport(target, compiled.metadata.shared, spills, unit, tuple(asm), in_flight, loop_loads,
-                       tiles_stored_to_shared(asm.get("ttgir", "")))
+                       tiles_stored_to_shared(asm.get("ttgir", "")), half_splits)
 
 
 def compile_in_subprocess(target: str, jobs: list[dict], timeout: float = 900) -> list[dict]:
