@@ -53,7 +53,8 @@ def _magic_pairs(v, MASK: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr
   (PRMT) of the 299 instructions of a K step (gate/up's M = 1 pick; docs/performance.md, session 20)."""
   if PTX:
     asm: tl.constexpr = f"lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xea;"
-    # pack=2: each call takes two elements of the (word, word) pair and writes both halves of one register
+    # pack=2: each call takes two elements of the (word, word) pair and writes both halves of one register.  The
+    # result dtype is spelled out per branch: inline_asm_elementwise does not take the constexpr DTYPE itself.
     if DTYPE == tl.bfloat16:
       return tl.inline_asm_elementwise(asm, "=r,r,r", [tl.join(v, v)], dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
