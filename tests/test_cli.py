@@ -158,7 +158,8 @@ def test_bench_and_tune_refuse_cpu():
     bench.tune_main(["--shapes", "4096x4096"])
 
 
-def test_cold_start_script(tmp_path, capsys):
+@pytest.mark.parametrize("packing", ["gptq", "fragment"])
+def test_cold_start_script(tmp_path, capsys, packing):
   """scripts/cold_start.py runs a case in a fresh process and records both first calls (reference path here)."""
   import importlib.util  # noqa: PLC0415
   import json  # noqa: PLC0415
@@ -166,11 +167,11 @@ def test_cold_start_script(tmp_path, capsys):
   spec = importlib.util.spec_from_file_location("cold_start", ROOT / "scripts/cold_start.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  mod.main(["--cases", "256x64:1", "--json", str(tmp_path / "c.jsonl")])
+  mod.main(["--cases", "256x64:1", "--packing", packing, "--json", str(tmp_path / "c.jsonl")])
   row = json.loads((tmp_path / "c.jsonl").read_text())
-  assert (row["k"], row["n"], row["m"]) == (256, 64, 1)
+  assert (row["k"], row["n"], row["m"], row["packing"]) == (256, 64, 1, packing)
   assert row["first_call_s"] > 0 and row["new_shape_first_call_s"] > 0 and row["second_call_s"] > 0
-  assert "256x64 M=1: first call in the process" in capsys.readouterr().out
+  assert f"256x64 M=1 {packing}: first call in the process" in capsys.readouterr().out
 
 
 def test_frag_ab_script_loads_a_kernel_file(tmp_path):
