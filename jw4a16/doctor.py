@@ -64,8 +64,8 @@ def main():
         rep = aot.report(tgt, aot.compile_kernel(tgt, cfg.meta(), n=4096, k=4096, group_size=128,
                                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                                  kernel=cfg.kernel))
-        print(f"kernel cross-compiles for {tgt} (no GPU needed): shared {rep.shared} B, spills {rep.spills}, "
-              f"{rep.matrix_unit}")
+        print(f"kernel cross-compiles for {tgt} (no GPU needed): shared {rep.shared} B, {rep.registers} registers, "
+              f"spills {rep.spills}, {rep.matrix_unit}")
       except Exception as e:  # report, don't crash
         print(f"kernel cross-compile for {tgt}: FAILED: {type(e).__name__}: {e}")
 

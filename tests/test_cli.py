@@ -195,3 +195,27 @@ def test_convert_to_fragment_refuses_k_96_and_writes_nothing(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="layer: packing='fragment' needs .*K=96, group_size=32"):
     cli.main(["convert", str(tmp_path / "k96"), str(tmp_path / "out"), "--packing", "fragment"])
   assert sorted(p.name for p in tmp_path.iterdir()) == ["k96"]
+
+
+def test_occupancy_script(tmp_path, capsys):
+  """scripts/occupancy.py compiles a table pick for sm_90 (no GPU) and reports its registers, programs an SM and
+  waves, consistent with each other."""
+  import importlib.util  # noqa: PLC0415
+  import json  # noqa: PLC0415
+
+  from jw4a16 import tuning  # noqa: PLC0415
+  from jw4a16.kernels.compile import programs_per_sm  # noqa: PLC0415
+
+  spec = importlib.util.spec_from_file_location("occupancy", ROOT / "scripts/occupancy.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  mod.main(["--ms", "256", "--shapes", "4096x28672", "--json", str(tmp_path / "o.jsonl")])
+  row = json.loads((tmp_path / "o.jsonl").read_text())
+  cfg = tuning.select_config(256, 4096, 28672, 128, "bfloat16", False, tuning.H100, "fragment")
+  assert (row["M"], row["K"], row["N"], row["block_n"], row["split_k"]) == (256, 4096, 28672, cfg.block_n, cfg.split_k)
+  assert row["registers"] > 0 and row["spills"] == 0
+  assert row["programs_per_sm"] == programs_per_sm("sm90", row["registers"], cfg.num_warps, row["shared"]) >= 1
+  tiles, split = cfg.grid(256, 28672)
+  assert row["programs"] == tiles * split
+  assert row["waves"] == pytest.approx(row["programs"] / (row["programs_per_sm"] * tuning.H100.num_sms))
+  assert f"| 256 | 4096x28672 | {cfg.block_m} x {cfg.block_n} x {cfg.block_k}" in capsys.readouterr().out

@@ -94,6 +94,7 @@ def test_compiles_within_limits(target, i):
   assert rep["shared"] <= SHARED_LIMIT[target], rep
   assert rep["spills"] == 0, rep
   assert ("hsaco" if target.startswith("gfx") else "cubin") in rep["asm_keys"]
+  assert rep["registers"] and rep["registers"] <= (512 if target.startswith("gfx") else 255), rep
   assert not rep["wgmma_in_flight"], rep  # no wgmma may outlive its loop iteration (kernels/w4a16_frag.py)
   if cfg.kernel == "frag" and cfg.scale_w == 2 and not target.startswith("gfx"):
     # every load of the SCALE_W = 2 K loop staged by the pipeliner (cp.async), the scales as int32 pairs
@@ -196,3 +197,25 @@ def test_decode_attention_compiles(target, i):
   assert rep["shared"] <= SHARED_LIMIT[target], rep
   assert rep["spills"] == 0, rep
   assert rep["matrix_unit"] == ("v_mfma" if target.startswith("gfx") else "mma"), rep  # tl.dot on the matrix units
+
+
+@pytest.mark.parametrize("registers,warps,shared,want", [
+    (127, 4, 35072, 4),  # the 4096x28672 M = 256 pick before session 20's unpacking (Triton 3.6)
+    (133, 4, 35072, 3),  # after it: 136 registers allocated a thread, 17,408 a program
+    (64, 4, 12032, 8),  # warps: 64 a SM
+    (32, 4, 12032, 16),
+    (32, 1, 1024, 32),  # resident programs: 32 a SM
+    (128, 4, 120 * 1024, 1),  # shared memory: 228 KB a SM, 1 KB of it reserved a program
+    (255, 8, 1024, 1),
+])
+def test_programs_per_sm(registers, warps, shared, want):
+  from jw4a16.kernels.compile import programs_per_sm  # noqa: PLC0415
+
+  assert programs_per_sm("sm90", registers, warps, shared) == want
+
+
+def test_programs_per_sm_refuses_amd():
+  from jw4a16.kernels.compile import programs_per_sm  # noqa: PLC0415
+
+  with pytest.raises(ValueError, match="gfx942"):
+    programs_per_sm("gfx942", 64, 4, 1024)

@@ -39,6 +39,7 @@ class CompileReport:
   loop_global_loads: int = 0  # ld.global in the K loops (global_loads_in_mma_loops): loads not pipelined
   tiles_to_shared: int = 0  # register tensors stored to shared memory (tiles_stored_to_shared)
   loop_half_splits: int = 0  # 16-bit halves cut out of words in the K loops (half_splits_in_mma_loops)
+  registers: int | None = None  # a thread's registers (ptxas -v on NVIDIA, VGPRs on AMD; None if not reported)
 
 
 def compile_kernel(target: str, meta: dict, *, n: int, k: int, group_size: int, dtype: str = "bfloat16",
@@ -142,14 +143,15 @@ def compile_dequant(target: str, *, dtype: str = "bfloat16", n: int, k: int, gro
   return triton.compile(src, target=TARGETS[target], options=dict(num_warps=4, num_stages=1))
 
 
-def _ptxas_spills(ptx: str, arch: int) -> int | None:
-  """Spill-store bytes that the ptxas Triton itself picks for this arch reports for the PTX."""
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
+  """(spill-store bytes, registers a thread) that the ptxas Triton itself picks for this arch reports for the PTX;
+  (None, None) where that ptxas cannot be found."""
   try:
     from triton.backends.nvidia.compiler import get_ptxas  # noqa: PLC0415
 
     ptxas = get_ptxas(arch).path
   except Exception:  # other Triton versions: the tool's location moved
-    return None
+    return None, None
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "k.ptx")
     with open(path, "w") as f:
@@ -158,7 +160,24 @@ def _ptxas_spills(ptx: str, arch: int) -> int | None:
     res = subprocess.run([ptxas, "-v", f"--gpu-name={sm}", path, "-o", os.path.join(d, "k.cubin")],
                          capture_output=True, text=True, check=True)
   found = re.findall(r"(\d+) bytes spill stores", res.stderr)
-  return sum(int(v) for v in found) if found else 0
+  regs = re.findall(r"Used (\d+) registers", res.stderr)
+  return (sum(int(v) for v in found) if found else 0), (max(int(v) for v in regs) if regs else None)
+
+
+# Per-SM limits of the NVIDIA targets: registers, warps, resident programs, shared memory a program may use in all
+# (the opt-in total, of which the driver reserves 1 KB a program).
+_SM_LIMITS = {"sm80": (65536, 64, 32, 164 * 1024), "sm90": (65536, 64, 32, 228 * 1024)}
+
+
+def programs_per_sm(target: str, registers: int, num_warps: int, shared: int) -> int:
+  """How many programs of a kernel fit one SM at once (NVIDIA), limited by registers (allocated per warp in
+  units of 256), warps, resident blocks and shared memory.  With the grid's size this says how many waves a
+  launch takes, e.g. session 21's 4096x28672 M = 256 pick: 127 registers -> 4 programs, 133 -> 3 (4 warps)."""
+  if target not in _SM_LIMITS:
+    raise ValueError(f"programs_per_sm: target {target!r} is not one of {sorted(_SM_LIMITS)}")
+  regs, warps, blocks, smem = _SM_LIMITS[target]
+  per_warp = -(-registers * 32 // 256) * 256
+  return max(0, min(regs // (per_warp * num_warps), warps // num_warps, blocks, smem // (shared + 1024)))
 
 
 def wgmma_in_flight_at_loop_end(ptx: str) -> bool:
@@ -219,17 +238,19 @@ def report(target: str, compiled) -> CompileReport:
     gcn = asm["amdgcn"]
     spills = sum(int(v) for v in re.findall(r"\.(?:v|s)gpr_spill_count:\s*(\d+)", gcn))
     unit = "v_mfma" if "v_mfma" in gcn else None
+    vgprs = re.findall(r"\.vgpr_count:\s*(\d+)", gcn)
+    registers = max(int(v) for v in vgprs) if vgprs else None
     in_flight = False
     loop_loads = half_splits = 0
   else:
     ptx = asm["ptx"]
-    spills = _ptxas_spills(ptx, TARGETS[target].arch)
+    spills, registers = _ptxas_usage(ptx, TARGETS[target].arch)
     unit = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else None)
     in_flight = wgmma_in_flight_at_loop_end(ptx)
     loop_loads = global_loads_in_mma_loops(ptx)
     half_splits = half_splits_in_mma_loops(ptx)
   return CompileReport(target, compiled.metadata.shared, spills, unit, tuple(asm), in_flight, loop_loads,
-                       tiles_stored_to_shared(asm.get("ttgir", "")), half_splits)
+                       tiles_stored_to_shared(asm.get("ttgir", "")), half_splits, registers)
 
 
 def compile_in_subprocess(target: str, jobs: list[dict], timeout: float = 900) -> list[dict]:
