@@ -1,13 +1,14 @@
-"""Registers, shared memory, programs an SM and waves of the H100 table's fragment-packing picks, compiled for sm_90
-on this machine (no GPU needed):
+"""Matrix instruction, registers, shared memory, programs an SM and waves of the H100 table's fragment-packing picks,
+compiled for sm_90 on this machine (no GPU needed):
 
   python scripts/occupancy.py [--ms 1,16,64,256] [--shapes 4096x28672,...] [--json out.jsonl]
 
-A pick whose registers cross an allocation step can fit fewer programs an SM, and its launch then takes more waves:
-session 21 found the 4096x28672 M = 256 pick at 133 registers a thread (127 before session 20's unpacking), 3
-programs an SM instead of 4, 3 waves of its 896 programs instead of 2, and that row of the benchmark 1.31x slower
-(docs/performance.md).  Registers depend on the Triton version: compile with the one the GPU runs (a second Triton
-can be put first on PYTHONPATH).  M >= 512 is not listed: there the H100 dispatcher dequantizes and calls the GEMM.
+A pick whose registers cross an allocation step can fit fewer programs an SM, and its launch then takes more
+waves: session 21 found the 4096x28672 M = 256 pick at 133 registers a thread (127 before session 20's unpacking),
+3 programs an SM instead of 4, 3 waves of its 896 programs instead of 2, and that row of the benchmark 1.31x slower
+(docs/performance.md).  Registers and the matrix instruction depend on the Triton version (3.6.0 emits `mma.sync`
+for an 8-row tile of x where 3.9 emits a wgmma): compile with the one the GPU runs (a second Triton can be put
+first on PYTHONPATH).  M >= 512 is not listed: there the H100 dispatcher dequantizes and calls the GEMM.
 """
 
 import argparse
@@ -32,7 +33,8 @@ def rows(ms: list[int], shapes: list[tuple[int, int]], group_size: int = 128, dt
     per_sm = aot.programs_per_sm(TARGET, rep["registers"], cfg.num_warps, rep["shared"])
     out.append(dict(M=m, K=k, N=n, block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k,
                     split_k=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    registers=rep["registers"], shared=rep["shared"], spills=rep["spills"], programs_per_sm=per_sm,
+                    matrix_unit=rep["matrix_unit"], registers=rep["registers"], shared=rep["shared"],
+                    spills=rep["spills"], programs_per_sm=per_sm,
                     programs=tiles * split, waves=tiles * split / (per_sm * tuning.H100.num_sms)))
   return out
 
@@ -45,11 +47,13 @@ def main(argv=None):
   a = p.parse_args(argv)
   shapes = ([tuple(map(int, s.split("x"))) for s in a.shapes.split(",")] if a.shapes
             else list(bench.SHAPES.values()))
-  print("| M | K x N | BM x BN x BK, split, warps, stages | registers | shared | programs / SM | programs | waves |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| M | K x N | BM x BN x BK, split, warps, stages | MMA | registers | shared | programs / SM | programs "
+        "| waves |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows([int(m) for m in a.ms.split(",")], shapes):
     print(f"| {r['M']} | {r['K']}x{r['N']} | {r['block_m']} x {r['block_n']} x {r['block_k']}, {r['split_k']}, "
-          f"{r['num_warps']}, {r['num_stages']} | {r['registers']} | {r['shared']} | {r['programs_per_sm']} | "
+          f"{r['num_warps']}, {r['num_stages']} | {r['matrix_unit']} | {r['registers']} | {r['shared']} | "
+          f"{r['programs_per_sm']} | "
           f"{r['programs']} | {r['waves']:.2f} |", flush=True)
     if a.json:
       with open(a.json, "a") as f:
