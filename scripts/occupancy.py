@@ -53,8 +53,7 @@ def main(argv=None):
   for r in rows([int(m) for m in a.ms.split(",")], shapes):
     print(f"| {r['M']} | {r['K']}x{r['N']} | {r['block_m']} x {r['block_n']} x {r['block_k']}, {r['split_k']}, "
           f"{r['num_warps']}, {r['num_stages']} | {r['matrix_unit']} | {r['registers']} | {r['shared']} | "
-          f"{r['programs_per_sm']} | "
-          f"{r['programs']} | {r['waves']:.2f} |", flush=True)
+          f"{r['programs_per_sm']} | {r['programs']} | {r['waves']:.2f} |", flush=True)
     if a.json:
       with open(a.json, "a") as f:
         f.write(json.dumps(r) + "\n")
