@@ -30,12 +30,13 @@ def rows(ms: list[int], shapes: list[tuple[int, int]], group_size: int = 128, dt
     if "error" in rep:
       raise RuntimeError(f"M={m} {k}x{n} {cfg}: {rep['error']}")
     tiles, split = cfg.grid(m, n)
+    programs = tiles * split
     per_sm = aot.programs_per_sm(TARGET, rep["registers"], cfg.num_warps, rep["shared"])
     out.append(dict(M=m, K=k, N=n, block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k,
                     split_k=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     matrix_unit=rep["matrix_unit"], registers=rep["registers"], shared=rep["shared"],
                     spills=rep["spills"], programs_per_sm=per_sm,
-                    programs=tiles * split, waves=tiles * split / (per_sm * tuning.H100.num_sms)))
+                    programs=programs, waves=programs / (per_sm * tuning.H100.num_sms)))
   return out
 
 

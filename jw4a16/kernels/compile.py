@@ -177,7 +177,7 @@ def programs_per_sm(target: str, registers: int, num_warps: int, shared: int) ->
     raise ValueError(f"programs_per_sm: target {target!r} is not one of {sorted(_SM_LIMITS)}")
   regs, warps, blocks, smem = _SM_LIMITS[target]
   per_warp = -(-registers * 32 // 256) * 256
-  return max(0, min(regs // (per_warp * num_warps), warps // num_warps, blocks, smem // (shared + 1024)))
+  return min(regs // (per_warp * num_warps), warps // num_warps, blocks, smem // (shared + 1024))
 
 
 def wgmma_in_flight_at_loop_end(ptx: str) -> bool:
@@ -208,20 +208,25 @@ def _loops(ptx: str):
       yield lines[labels[back.group(1)]:j]
 
 
-def global_loads_in_mma_loops(ptx: str) -> int:
-  """ld.global instructions inside the PTX's loops that issue matrix instructions (the K loops; not the split-K
-  epilogue's).  In the frag kernel's K loop every load should be staged through shared memory by Triton's
-  pipeliner (cp.async); an ld.global there is waited for in the step that issued it."""
+def _count_in_mma_loops(ptx: str, pattern: str) -> int:
+  """Lines matching `pattern` inside the PTX's loops that issue matrix instructions (the K loops; not the split-K
+  epilogue's)."""
   return sum(1 for body in _loops(ptx) if any("mma" in text for text in body)
-             for text in body if re.search(r"\bld\.global", text))
+             for text in body if re.search(pattern, text))
+
+
+def global_loads_in_mma_loops(ptx: str) -> int:
+  """ld.global instructions inside the PTX's K loops.  In the frag kernel's K loop every load should be staged
+  through shared memory by Triton's pipeliner (cp.async); an ld.global there is waited for in the step that issued
+  it."""
+  return _count_in_mma_loops(ptx, r"\bld\.global")
 
 
 def half_splits_in_mma_loops(ptx: str) -> int:
   """cvt.u16.u32 instructions (a 16-bit half cut out of a 32-bit register) inside the PTX's K loops.  The frag
   kernel's unpacking on NVIDIA keeps each LOP3 result whole as a register pair (w4a16_frag._magic_pairs); split into
   halves and joined again, the pairs cost ptxas ~8 byte permutes (PRMT) a word (docs/performance.md, session 20)."""
-  return sum(1 for body in _loops(ptx) if any("mma" in text for text in body)
-             for text in body if re.search(r"\bcvt\.u16\.u32\b", text))
+  return _count_in_mma_loops(ptx, r"\bcvt\.u16\.u32\b")
 
 
 def tiles_stored_to_shared(ttgir: str) -> int:
