@@ -3,12 +3,14 @@ compiled for sm_90 on this machine (no GPU needed):
 
   python scripts/occupancy.py [--ms 1,16,64,256] [--shapes 4096x28672,...] [--json out.jsonl]
 
-A pick whose registers cross an allocation step can fit fewer programs an SM, and its launch then takes more
-waves: session 21 found the 4096x28672 M = 256 pick at 133 registers a thread (127 before session 20's unpacking),
-3 programs an SM instead of 4, 3 waves of its 896 programs instead of 2, and that row of the benchmark 1.31x slower
-(docs/performance.md).  Registers and the matrix instruction depend on the Triton version (3.6.0 emits `mma.sync`
-for an 8-row tile of x where 3.9 emits a wgmma): compile with the one the GPU runs (a second Triton can be put
-first on PYTHONPATH).  M >= 512 is not listed: there the H100 dispatcher dequantizes and calls the GEMM.
+A pick whose registers cross an allocation step can fit fewer programs an SM, and its launch may then take more
+waves.  Session 21 suspected that for the 4096x28672 M = 256 pick (133 registers a thread against 127 before
+session 20's unpacking, 3 programs an SM instead of 4); session 22 found the 4-stage tile with the same registers
+and programs 1.4x faster than the 2-stage pick, so the slowdown was the pipeline depth, and no table pick takes
+more waves with the new unpacking (docs/performance.md).  Registers and the matrix instruction depend on the
+Triton version (3.6.0 emits `mma.sync` for an 8-row tile of x where 3.9 emits a wgmma): compile with the one the
+GPU runs (a second Triton can be put first on PYTHONPATH).  M >= 512 is not listed: there the H100 dispatcher
+dequantizes and calls the GEMM.
 """
 
 import argparse
