@@ -239,6 +239,18 @@ def test_fragment_real_shapes_every_bucket(m, kn, dtype, symmetric):
   assert_close(out, np.asarray(x, np.float64) @ w, dtype)
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_fragment_lm_head_shape(m):
+  """Llama-3-8B's lm_head in int4 (4096 x 128256, llama_bench's w4a16-int4-head): the table's M = 1 and 16 entries
+  for it."""
+  k, n = 4096, 128256
+  qw, s, qz, _, w = make_weights(k, n, 128)
+  fq = jw4a16.layout.to_fragment_packed(qw)
+  x = make_x((m, k))
+  out = jax.jit(lambda x: jw4a16.w4a16_matmul(x, fq, s, qz, group_size=128, packing="fragment"))(x)
+  assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
+
+
 @pytest.mark.parametrize("kng", [(4096, 6144, 128), (14336, 4096, 128), (512, 200, 32), (768, 72, -1), (320, 64, 64)])
 @pytest.mark.parametrize("dtype,symmetric", [("bfloat16", True), ("float16", False)])
 @pytest.mark.parametrize("launcher", ["legacy", "ffi"])

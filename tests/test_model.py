@@ -216,6 +216,23 @@ def test_llama_bench_measures_every_decode_mode():
     assert res[key] > 0, key
 
 
+def test_llama_bench_int4_head():
+  """llama_bench's w4a16-int4-head variant: the lm_head int4 as well (every other weight as in w4a16), and the
+  bf16 model refuses it."""
+  from jw4a16.models import llama_bench  # noqa: PLC0415
+
+  model, params = llama_bench.build(TINY, True, jax.random.key(0), int4_head=True)
+  plain_model, plain = llama_bench.build(TINY, True, jax.random.key(0))
+  assert model.quant.get("lm_head") is not None and plain_model.quant.get("lm_head") is None
+  assert "qweight" in params["lm_head"] and "kernel" in plain["lm_head"]
+  np.testing.assert_array_equal(params["layers_1"]["mlp"]["down_proj"]["qweight"],
+                                plain["layers_1"]["mlp"]["down_proj"]["qweight"])
+  logits, _ = model.apply({"params": params}, np.ones((1, 3), np.int32), llama.init_cache(model.cfg, 1, 8), 0)
+  assert logits.shape == (1, 3, TINY.vocab_size) and np.isfinite(np.asarray(logits)).all()
+  with pytest.raises(ValueError, match="int4_head: only for the quantized model"):
+    llama_bench.build(TINY, False, jax.random.key(0), int4_head=True)
+
+
 def test_prescaled_norm_wiring_matches(monkeypatch):
   """The wiring the GPU takes with the frag kernel, forced on the reference path: o_proj writes h times the
   post-attention norm's weight and gate/up scale only their rows (llama.prescales_norm); down_proj writes h times
@@ -280,3 +297,59 @@ def test_decode_hands_split_k_slots_to_the_next_op(monkeypatch):
   assert calls and all(s[0] == 1 and s[-1] == 2 * m.cfg.intermediate_size for s in calls), calls
   monkeypatch.setattr(llama, "takes_slots", lambda layer, fold, t: False)
   np.testing.assert_array_equal(got, step(llama.load("tests/fixtures/llama-w4a16-asym", progress=False)))
+
+
+def _with_lm_head(src: pathlib.Path, dst: pathlib.Path, quantized: bool):
+  """A copy of the tiny checkpoint whose lm_head is group-128 symmetric int4 in compressed-tensors'
+  pack-quantized layout (quantized=True: weight_packed [V, K / 8] packed along K with tests/checkpoint_writers'
+  own packer, weight_scale [V, K / 128] bf16, weight_shape; the config's ignore list emptied), or float holding
+  exactly what those int4 values mean (quantized=False).  Returns the dense [V, K] weight."""
+  import shutil  # noqa: PLC0415
+
+  import ml_dtypes  # noqa: PLC0415
+  from safetensors.numpy import load_file, save_file  # noqa: PLC0415
+
+  from tests.checkpoint_writers import pack_cols  # noqa: PLC0415
+
+  shutil.copytree(src, dst)
+  tensors = load_file(str(dst / "model.safetensors"))
+  w = tensors.pop("lm_head.weight").astype(np.float32)  # [V, K]
+  v, k = w.shape
+  groups = w.reshape(v, k // 128, 128)
+  s = (np.abs(groups).max(-1) / 7.0).astype(ml_dtypes.bfloat16)  # [V, K / 128]
+  q = np.clip(np.rint(groups / s.astype(np.float32)[..., None]) + 8, 0, 15).astype(np.int64).reshape(v, k)
+  dense = ((q - 8).reshape(v, k // 128, 128) * s.astype(np.float32)[..., None]).reshape(v, k)
+  if quantized:
+    tensors.update({"lm_head.weight_packed": pack_cols(q), "lm_head.weight_scale": s,
+                    "lm_head.weight_shape": np.array([v, k], np.int64)})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] = []
+    (dst / "config.json").write_text(json.dumps(cfg))
+  else:
+    tensors["lm_head.weight"] = dense.astype(ml_dtypes.bfloat16)
+  save_file(tensors, str(dst / "model.safetensors"))
+  return dense
+
+
+@pytest.mark.parametrize("packing", ["gptq", "fragment"])
+def test_quantized_lm_head(tmp_path, packing):
+  """A checkpoint that quantized its lm_head too (ignore: [], as torchao's int4 does every Linear): load makes the
+  lm_head a W4A16Dense, and its logits and greedy tokens are those of the same model with the lm_head in float
+  holding what the int4 values mean."""
+  import ml_dtypes  # noqa: PLC0415
+
+  src = ROOT / "jw4a16/assets/tiny-llama-w4a16"
+  dense = _with_lm_head(src, tmp_path / "int4", True)
+  _with_lm_head(src, tmp_path / "float", False)
+  q = llama.load(tmp_path / "int4", progress=False, packing=packing)
+  f = llama.load(tmp_path / "float", progress=False, packing=packing)
+  assert q.quant.get("lm_head") is not None and f.quant.get("lm_head") is None
+  assert "qweight" in q.params["lm_head"] and "kernel" in f.params["lm_head"]
+  np.testing.assert_array_equal(np.asarray(f.params["lm_head"]["kernel"], np.float32),
+                                dense.T.astype(ml_dtypes.bfloat16).astype(np.float32))
+  ids = np.array([[1, 5, 9, 2, 7, 3]], np.int32)
+  got, want = np.asarray(q(ids)), np.asarray(f(ids))
+  # the same bf16 activations; the float lm_head's weights are the int4 values' meaning rounded to bf16
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 5e-3
+  assert (got.argmax(-1) == want.argmax(-1)).all()
+  assert q.generate(ids, 12).tokens.tolist() == f.generate(ids, 12).tokens.tolist()

@@ -9,6 +9,10 @@ back, the next token sampled inside the step) and as `LlamaModel.generate` runs 
 `llama.DECODE_CHUNK` greedy steps, a lax.scan each, queued back to back); prefill tokens/s at 2048 tokens (batch
 1).
 Layers unrolled as `load` builds them (--scan: one scanned layer over stacked weights).
+
+The lm_head stays bf16 in the int4 model (variant w4a16), as llm-compressor's recipes leave it (ignore:
+[lm_head]); variant w4a16-int4-head has it int4 as well, as a checkpoint that quantized every Linear has it
+(torchao's int4 weight-only quantization, the issue's point of comparison, does that by default).
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ PROJ = {"self_attn.q_proj": lambda c: (c.hidden_size, c.num_heads * c.head_dim),
         "mlp.down_proj": lambda c: (c.intermediate_size, c.hidden_size)}
 
 
-def random_params(cfg: LlamaConfig, quantized: bool, key):
-  """Stacked (scan) params on the device: int4 projections (group 128, symmetric) or bf16."""
+def random_params(cfg: LlamaConfig, quantized: bool, key, int4_head: bool = False):
+  """Stacked (scan) params on the device: int4 projections (group 128, symmetric) or bf16.  int4_head: the lm_head
+  int4 too (with quantized), as a checkpoint that quantized every Linear has it."""
   dt = jnp.bfloat16
   L = cfg.num_layers
   keys = iter(jax.random.split(key, 64))
@@ -60,10 +65,15 @@ def random_params(cfg: LlamaConfig, quantized: bool, key):
     else:
       p = {"kernel": (jax.random.normal(next(keys), (L, k, n), dt) * 0.01).astype(dt)}
     layers[group][proj] = p
-  return {"embed_tokens": {"embedding": jax.random.normal(next(keys), (cfg.vocab_size, cfg.hidden_size), dt)},
-          "norm": {"weight": jnp.ones((cfg.hidden_size,), dt)},
-          "lm_head": {"kernel": (jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size), dt) * 0.01)},
-          "layers": layers}
+  out = {"embed_tokens": {"embedding": jax.random.normal(next(keys), (cfg.vocab_size, cfg.hidden_size), dt)},
+         "norm": {"weight": jnp.ones((cfg.hidden_size,), dt)},
+         "lm_head": {"kernel": (jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size), dt) * 0.01)},
+         "layers": layers}
+  if quantized and int4_head:  # keys drawn after the others': every other weight is the same as without
+    k, n = cfg.hidden_size, cfg.vocab_size
+    out["lm_head"] = {"qweight": jax.random.randint(next(keys), (k, n // 8), -2**31, 2**31 - 1, jnp.int32),
+                      "scales": jax.random.uniform(next(keys), (k // 128, n), jnp.float32, 0.0005, 0.002).astype(dt)}
+  return out
 
 
 def unstack(params: dict, num_layers: int) -> dict:
@@ -74,16 +84,20 @@ def unstack(params: dict, num_layers: int) -> dict:
   return out
 
 
-def build(cfg, quantized, key, scan=False, fuse=True, packing="auto"):
+def build(cfg, quantized, key, scan=False, fuse=True, packing="auto", int4_head=False):
   """(module, params on the device) of the random model.  scan=False (as `load` builds models): one set of
   arrays per layer.  scan=True: one compiled layer under lax.scan over stacked arrays, whose per-layer slices XLA
   copies out before each custom call (the Triton kernel) and each bf16 dot: a copy of every weight per step, so
   decode is slower that way.  fuse: q/k/v and gate/up as one matmul each (as `load` builds models), for both
-  the int4 and the bf16 model.  packing: the int4 weights' layout, as `load` takes it."""
+  the int4 and the bf16 model.  packing: the int4 weights' layout, as `load` takes it.  int4_head: the lm_head in
+  int4 as well (quantized models only; else it stays bf16, as llm-compressor's recipes usually leave it)."""
+  if int4_head and not quantized:
+    raise ValueError("int4_head: only for the quantized model (the bf16 model has no int4 weights)")
   prefixes = ["layers"] if scan else [f"layers_{i}" for i in range(cfg.num_layers)]
-  quant = (QuantSpec(tuple((f"{p}.{n}", (128, True, False)) for p in prefixes for n in PROJ)) if quantized
+  quant = (QuantSpec(tuple((f"{p}.{n}", (128, True, False)) for p in prefixes for n in PROJ)
+                     + ((("lm_head", (128, True, False)),) if int4_head else ())) if quantized
            else QuantSpec())
-  params = random_params(cfg, quantized, key)
+  params = random_params(cfg, quantized, key, int4_head)
   if not scan:
     params = unstack(params, cfg.num_layers)
   if fuse:
@@ -93,12 +107,14 @@ def build(cfg, quantized, key, scan=False, fuse=True, packing="auto"):
   return LlamaForCausalLM(cfg, quant, scan_layers=scan), jax.block_until_ready(params)
 
 
+VARIANTS = ("w4a16", "w4a16-nogemv", "w4a16-int4-head", "bf16")
 WARMUP_STEPS = 3  # decode steps a step-at-a-time measurement leaves out of its median
 
 
-def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=True, packing="auto"):
-  """Decode and prefill timings of `build(cfg, quantized, key, scan, fuse, packing)`."""
-  model, params = build(cfg, quantized, key, scan, fuse, packing)
+def measure(cfg, quantized, batches, steps, prefill_len, key, scan=False, fuse=True, packing="auto",
+            int4_head=False):
+  """Decode and prefill timings of `build(cfg, quantized, key, scan, fuse, packing, int4_head)`."""
+  model, params = build(cfg, quantized, key, scan, fuse, packing, int4_head)
   cfg = model.cfg
   step = jax.jit(lambda p, ids, cache, i: model.apply({"params": p}, ids, cache, i), donate_argnums=(2,))
 
@@ -180,7 +196,8 @@ def main(argv=None):
   p.add_argument("--packing", default="auto", choices=("auto", "gptq", "fragment"),
                  help="the int4 weights' layout (default: the fastest for this device)")
   p.add_argument("--variants", default="w4a16,bf16",
-                 help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), bf16")
+                 help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), w4a16-int4-head "
+                      "(the lm_head int4 as well), bf16")
   a = p.parse_args(argv)
   if a.steps <= WARMUP_STEPS:
     p.error(f"--steps={a.steps}: at least {WARMUP_STEPS + 1} are needed (the first {WARMUP_STEPS} steps are warm-up, "
@@ -189,12 +206,13 @@ def main(argv=None):
   out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": a.layers, "scan": a.scan,
          "fused": not a.no_fuse, "packing": a.packing}
   for name in a.variants.split(","):
-    if name not in ("w4a16", "w4a16-nogemv", "bf16"):
+    if name not in VARIANTS:
       raise SystemExit(f"--variants: unknown {name!r}")
     # the dispatcher reads the variable when the model is traced, inside measure
     with mock.patch.dict(os.environ, {tuning.DISABLE_ENV: "gemv"} if name == "w4a16-nogemv" else {}):
       out[name] = measure(cfg, name != "bf16", tuple(int(b) for b in a.batches.split(",")), a.steps, a.prefill,
-                          jax.random.key(0), scan=a.scan, fuse=not a.no_fuse, packing=a.packing)
+                          jax.random.key(0), scan=a.scan, fuse=not a.no_fuse, packing=a.packing,
+                          int4_head=name == "w4a16-int4-head")
     print(name, json.dumps(out[name]), flush=True)
   for name in out:
     if name.startswith("w4a16") and "bf16" in out:
