@@ -195,7 +195,7 @@ def main(argv=None):
   p.add_argument("--batches", default="1,16", help="decode batch sizes")
   p.add_argument("--packing", default="auto", choices=("auto", "gptq", "fragment"),
                  help="the int4 weights' layout (default: the fastest for this device)")
-  p.add_argument("--variants", default="w4a16,bf16",
+  p.add_argument("--variants", default="w4a16,w4a16-int4-head,bf16",
                  help="comma list of w4a16, w4a16-nogemv (the dispatcher without the gemv kernel), w4a16-int4-head "
                       "(the lm_head int4 as well), bf16")
   a = p.parse_args(argv)
