@@ -6,6 +6,7 @@ with compressed-tensors) as the reference for the tests.
 
   python -m venv /tmp/lc && /tmp/lc/bin/pip install torch==2.13.0 && /tmp/lc/bin/pip install llmcompressor
   /tmp/lc/bin/python scripts/make_fixtures.py     # from the repository root
+  /tmp/lc/bin/python scripts/make_fixtures.py . tests/fixtures/llama-w4a16-lmhead   # only the directories named
 
 Runs on CPU in a few minutes.  Versions used are recorded in each directory's fixture.json.
 """
@@ -40,6 +41,8 @@ SCHEMES = {
     # compressed-tensors >= 0.19 removed actorder="group" (weight_g_idx); "weight" reorders columns during GPTQ
     # and stores the result in plain order.  g_idx checkpoints are covered by tests/checkpoint_writers.py.
     "tests/fixtures/llama-w4a16-actorder": dict(symmetric=True, actorder="weight"),
+    # every Linear quantized, the lm_head included (ignore: []), as torchao's int4 and GPTQModel's lm_head option do
+    "tests/fixtures/llama-w4a16-lmhead": dict(symmetric=True, actorder=None, lm_head=True),
 }
 
 
@@ -58,7 +61,7 @@ def tokenizer(path):
   return fast
 
 
-def main(root):
+def main(root, only=()):
   from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: PLC0415
   from datasets import Dataset  # noqa: PLC0415
   from llmcompressor import oneshot  # noqa: PLC0415
@@ -87,14 +90,20 @@ def main(root):
   model.save_pretrained(base)
   ds = Dataset.from_dict({"text": CORPUS}).map(lambda e: tok(e["text"], truncation=True, max_length=64),
                                                remove_columns=["text"])
+  unknown = set(only) - set(SCHEMES)
+  if unknown:
+    raise SystemExit(f"unknown fixture directories {sorted(unknown)}; known: {sorted(SCHEMES)}")
   for name, opts in SCHEMES.items():
+    if only and name not in only:
+      continue
     target = root / name
     shutil.rmtree(target, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.bfloat16)
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=opts["symmetric"], strategy="group",
                                group_size=128, actorder=opts["actorder"])
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    lm_head = opts.get("lm_head", False)
+    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=[] if lm_head else ["lm_head"])
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=64, num_calibration_samples=len(CORPUS))
     model.save_pretrained(target, save_compressed=True)
     tok.save_pretrained(target)
@@ -120,7 +129,7 @@ def main(root):
     from safetensors.torch import save_file  # noqa: PLC0415
 
     dense = {f"{name}.weight": mod.weight.detach().contiguous() for name, mod in ref.named_modules()
-             if isinstance(mod, torch.nn.Linear) and name != "lm_head"}
+             if isinstance(mod, torch.nn.Linear) and (lm_head or name != "lm_head")}
     save_file(dense, target / "reference_weights.safetensors")
     (target / "fixture.json").write_text(json.dumps(dict(
         prompt=prompt, input_ids=ids[0].tolist(), greedy_tokens=gen[0, ids.shape[1]:].tolist(),
@@ -134,4 +143,4 @@ def main(root):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else ".")
+  main(sys.argv[1] if len(sys.argv) > 1 else ".", tuple(sys.argv[2:]))

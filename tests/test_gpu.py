@@ -129,7 +129,8 @@ def test_split_k_epilogue_is_exact_and_deterministic(cfg):
 
 
 @pytest.mark.parametrize("packing", ["gptq", "fragment", "auto"])
-@pytest.mark.parametrize("name", ["jw4a16/assets/tiny-llama-w4a16", "tests/fixtures/llama-w4a16-asym"])
+@pytest.mark.parametrize("name", ["jw4a16/assets/tiny-llama-w4a16", "tests/fixtures/llama-w4a16-asym",
+                                  "tests/fixtures/llama-w4a16-lmhead"])
 def test_llama_logits_on_gpu(name, packing):
   """The real checkpoint through the Triton path: logits against transformers' (bf16 tolerance)."""
   import json  # noqa: PLC0415

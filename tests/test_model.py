@@ -13,7 +13,7 @@ from jw4a16.models import llama
 
 ROOT = pathlib.Path(__file__).parent.parent
 DIRS = [ROOT / "jw4a16/assets/tiny-llama-w4a16", ROOT / "tests/fixtures/llama-w4a16-asym",
-        ROOT / "tests/fixtures/llama-w4a16-actorder"]
+        ROOT / "tests/fixtures/llama-w4a16-actorder", ROOT / "tests/fixtures/llama-w4a16-lmhead"]
 
 
 @pytest.fixture(scope="module", params=DIRS, ids=lambda d: d.name)
@@ -24,6 +24,8 @@ def loaded(request):
 
 def test_logits_match_transformers(loaded):
   m, fx, ref = loaded
+  # llama-w4a16-lmhead quantized its lm_head too (ignore: []): it runs as a W4A16Dense
+  assert (m.quant.get("lm_head") is not None) == m.path.name.endswith("lmhead")
   got = np.asarray(m(np.array([fx["input_ids"]], np.int32)))
   assert got.dtype == np.float32 and got.shape == ref.shape
   # Both run bf16 activations with fp32 accumulation; transformers rounds logits to bf16 (ulp 2**-5 at |4|).
