@@ -241,15 +241,16 @@ def test_fragment_real_shapes_every_bucket(m, kn, dtype, symmetric):
 
 
 @pytest.mark.parametrize("m", [1, 16])
-def test_fragment_lm_head_shape(m):
-  """Llama-3-8B's lm_head in int4 (4096 x 128256, llama_bench's w4a16-int4-head): the table's M = 1 and 16 entries
-  for it."""
-  k, n = 4096, 128256
-  qw, s, qz, _, w = make_weights(k, n, 128)
+@pytest.mark.parametrize("k,dtype", [(4096, "bfloat16"), (4096, "float16"), (8192, "bfloat16")])
+def test_fragment_lm_head_shape(m, k, dtype):
+  """Llama-3-8B's and -70B's lm_heads in int4 (4096 / 8192 x 128256; the 8B one is llama_bench's w4a16-int4-head):
+  the table's M = 1 and 16 entries for them."""
+  n = 128256
+  qw, s, qz, _, w = make_weights(k, n, 128, dtype=dtype)
   fq = jw4a16.layout.to_fragment_packed(qw)
-  x = make_x((m, k))
+  x = make_x((m, k), dtype)
   out = jax.jit(lambda x: jw4a16.w4a16_matmul(x, fq, s, qz, group_size=128, packing="fragment"))(x)
-  assert_close(out, np.asarray(x, np.float64) @ w, "bfloat16")
+  assert_close(out, np.asarray(x, np.float64) @ w, dtype)
 
 
 @pytest.mark.parametrize("kng", [(4096, 6144, 128), (14336, 4096, 128), (512, 200, 32), (768, 72, -1), (320, 64, 64)])
