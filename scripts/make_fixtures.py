@@ -41,7 +41,7 @@ SCHEMES = {
     # compressed-tensors >= 0.19 removed actorder="group" (weight_g_idx); "weight" reorders columns during GPTQ
     # and stores the result in plain order.  g_idx checkpoints are covered by tests/checkpoint_writers.py.
     "tests/fixtures/llama-w4a16-actorder": dict(symmetric=True, actorder="weight"),
-    # every Linear quantized, the lm_head included (ignore: []), as torchao's int4 and GPTQModel's lm_head option do
+    # every Linear quantized, the lm_head included (ignore: []), as torchao's int4 quantize_ does by default
     "tests/fixtures/llama-w4a16-lmhead": dict(symmetric=True, actorder=None, lm_head=True),
 }
 
