@@ -65,15 +65,16 @@ def random_params(cfg: LlamaConfig, quantized: bool, key, int4_head: bool = Fals
     else:
       p = {"kernel": (jax.random.normal(next(keys), (L, k, n), dt) * 0.01).astype(dt)}
     layers[group][proj] = p
-  out = {"embed_tokens": {"embedding": jax.random.normal(next(keys), (cfg.vocab_size, cfg.hidden_size), dt)},
-         "norm": {"weight": jnp.ones((cfg.hidden_size,), dt)},
-         "lm_head": {"kernel": (jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size), dt) * 0.01)},
-         "layers": layers}
-  if quantized and int4_head:  # keys drawn after the others': every other weight is the same as without
-    k, n = cfg.hidden_size, cfg.vocab_size
-    out["lm_head"] = {"qweight": jax.random.randint(next(keys), (k, n // 8), -2**31, 2**31 - 1, jnp.int32),
-                      "scales": jax.random.uniform(next(keys), (k // 128, n), jnp.float32, 0.0005, 0.002).astype(dt)}
-  return out
+  embedding = jax.random.normal(next(keys), (cfg.vocab_size, cfg.hidden_size), dt)
+  head_key = next(keys)  # drawn either way, so every other weight is the same with and without int4_head
+  k, n = cfg.hidden_size, cfg.vocab_size
+  if quantized and int4_head:
+    lm_head = {"qweight": jax.random.randint(next(keys), (k, n // 8), -2**31, 2**31 - 1, jnp.int32),
+               "scales": jax.random.uniform(next(keys), (k // 128, n), jnp.float32, 0.0005, 0.002).astype(dt)}
+  else:
+    lm_head = {"kernel": jax.random.normal(head_key, (k, n), dt) * 0.01}
+  return {"embed_tokens": {"embedding": embedding}, "norm": {"weight": jnp.ones((cfg.hidden_size,), dt)},
+          "lm_head": lm_head, "layers": layers}
 
 
 def unstack(params: dict, num_layers: int) -> dict:
